@@ -1,0 +1,1 @@
+"""vLLM integration. Everything that touches vLLM internals lives here."""

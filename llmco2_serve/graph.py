@@ -1,0 +1,401 @@
+"""Per-layer kernel graph (LLMCO2 section 4.1, Fig. 8 and Appendix A).
+
+A transformer layer becomes a DAG whose nodes are kernels and whose edges are data dependencies.
+Each node carries, for prefill and for decode: its kernel type, dimensions, operations O, memory
+bytes M, network bytes I, and Roofline performance P (Eq. 8) on the target GPU.
+
+Cost model. Every node's O, M and I are linear in five segment quantities (see ``kernels``):
+
+    bt      = batch * tokens              (token rows processed)
+    bpairs  = batch * attention pairs     (causal query-key pairs)
+    bkv     = batch * pairs / query_tile  (KV-cache rows read by fused attention)
+    passes  = forward passes              (each re-reads the weights)
+    xpasses = passes * expected unique experts loaded per pass (MoE only)
+
+so a :class:`LayerTemplate`, built once per (model, GPU, precision, parallelism) and cached,
+stores per-node coefficients obtained by evaluating the paper's equations on unit segments. Costs for
+any number of requests are then one small matrix product, cheap enough for every request in a
+server. ``tests/test_graph.py`` checks the coefficient form against direct evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from . import kernels as K
+from .arch import ModelArch
+from .precision import Precision
+
+KERNEL_KINDS = (
+    "norm", "q_proj", "k_proj", "v_proj", "qk_norm", "attention", "matmul_qk", "softmax", "matmul_sv",
+    "o_proj", "add", "gate_proj", "up_proj", "act", "down_proj", "router", "expert_gate_proj",
+    "expert_up_proj", "expert_act", "expert_down_proj", "all_reduce",
+)
+KIND_INDEX = {k: i for i, k in enumerate(KERNEL_KINDS)}
+# Kinds whose operations are matrix multiplications (what torch's FlopCounterMode counts).
+MATMUL_KINDS = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "attention",
+    "matmul_qk", "matmul_sv", "expert_gate_proj", "expert_up_proj", "expert_down_proj",
+})
+SEGMENT_VARS = ("bt", "bpairs", "bkv", "passes", "xpasses")
+FLASH_QUERY_TILE = 128  # query rows per flash-attention tile (FlashAttention-2 forward default)
+
+
+@dataclass(frozen=True)
+class KernelNode:
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    parents: tuple[str, ...]
+    weight_params: int  # parameters this kernel reads (per layer, all GPUs together)
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+    @property
+    def n_gpu(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+
+def weight_params_per_layer(arch: ModelArch) -> int:
+    return sum(n.weight_params for n in _layer_nodes(arch, attention="fused", tensor_parallel=1))
+
+
+def _layer_nodes(arch: ModelArch, *, attention: str, tensor_parallel: int) -> list[KernelNode]:
+    h, q, kv = arch.hidden_size, arch.q_size, arch.kv_size
+    norm_params = h * (2 if arch.norm_type == "layernorm" else 1)
+    qkv_bias = arch.attention_bias in ("qkv", "all")
+    out_bias = arch.attention_bias == "all"
+    nodes: list[KernelNode] = []
+
+    def add(name, kind, d_in, d_out, parents, params=None):
+        if params is None:
+            params = d_in * d_out if kind not in ("norm", "qk_norm", "attention", "matmul_qk", "softmax",
+                                                  "matmul_sv", "add", "act", "expert_act", "all_reduce") else 0
+        nodes.append(KernelNode(name, kind, int(d_in), int(d_out), tuple(parents), int(params)))
+        return name
+
+    x = add("norm_attn", "norm", h, h, (), norm_params)
+    qn = add("q_proj", "q_proj", h, q, (x,), h * q + (q if qkv_bias else 0))
+    kn = add("k_proj", "k_proj", h, kv, (x,), h * kv + (kv if qkv_bias else 0))
+    vn = add("v_proj", "v_proj", h, kv, (x,), h * kv + (kv if qkv_bias else 0))
+    if arch.qk_norm:
+        qn = add("q_norm", "qk_norm", arch.head_dim, arch.head_dim, (qn,), arch.head_dim)
+        kn = add("k_norm", "qk_norm", arch.head_dim, arch.head_dim, (kn,), arch.head_dim)
+    if attention == "fused":
+        a = add("attention", "attention", arch.head_dim, arch.head_dim, (qn, kn, vn))
+    elif attention == "unfused":
+        s = add("matmul_qk", "matmul_qk", arch.head_dim, 0, (qn, kn))
+        p = add("softmax", "softmax", 0, 0, (s,))
+        a = add("matmul_sv", "matmul_sv", 0, arch.head_dim, (p, vn))
+    else:
+        raise ValueError(f"attention must be 'fused' or 'unfused', got {attention!r}")
+    o = add("o_proj", "o_proj", q, h, (a,), q * h + (h if out_bias else 0))
+    if tensor_parallel > 1:
+        o = add("all_reduce_attn", "all_reduce", h, h, (o,))
+    if arch.norms_per_layer == 4:
+        o = add("post_attn_norm", "norm", h, h, (o,), norm_params)
+    r = add("add_attn", "add", h, h, (o,))
+    m = add("norm_mlp", "norm", h, h, (r,), norm_params)
+    ff = arch.intermediate_size
+    outs: list[str] = []
+    if arch.is_moe:
+        e, mf = arch.moe_num_experts, arch.moe_intermediate_size
+        rt = add("router", "router", h, e, (m,), h * e)
+        g = add("expert_gate_proj", "expert_gate_proj", h, mf, (m, rt), e * h * mf)
+        u = add("expert_up_proj", "expert_up_proj", h, mf, (m, rt), e * h * mf)
+        ac = add("expert_act", "expert_act", mf, mf, (g, u))
+        outs.append(add("expert_down_proj", "expert_down_proj", mf, h, (ac,), e * mf * h))
+        sf = arch.moe_shared_intermediate_size
+        if sf:
+            sg = add("shared_gate_proj", "gate_proj", h, sf, (m,))
+            su = add("shared_up_proj", "up_proj", h, sf, (m,))
+            sa = add("shared_act", "act", sf, sf, (sg, su))
+            sd = add("shared_down_proj", "down_proj", sf, h, (sa,))
+            outs.append(add("shared_expert_gate", "router", h, 1, (m,), h))
+            outs.append(sd)
+    elif arch.gated_mlp:
+        b = ff if arch.mlp_bias else 0
+        g = add("gate_proj", "gate_proj", h, ff, (m,), h * ff + b)
+        u = add("up_proj", "up_proj", h, ff, (m,), h * ff + b)
+        ac = add("act_mlp", "act", ff, ff, (g, u))
+        outs.append(add("down_proj", "down_proj", ff, h, (ac,), ff * h + (h if arch.mlp_bias else 0)))
+    else:
+        u = add("up_proj", "up_proj", h, ff, (m,), h * ff + (ff if arch.mlp_bias else 0))
+        ac = add("act_mlp", "act", ff, ff, (u,))
+        outs.append(add("down_proj", "down_proj", ff, h, (ac,), ff * h + (h if arch.mlp_bias else 0)))
+    last: Sequence[str] = outs
+    if tensor_parallel > 1:
+        last = (add("all_reduce_mlp", "all_reduce", h, h, tuple(outs)),)
+    if arch.norms_per_layer == 4:
+        last = (add("post_mlp_norm", "norm", h, h, tuple(last), norm_params),)
+    add("add_mlp", "add", h, h, tuple(last))
+    return nodes
+
+
+def _node_cost(node: KernelNode, arch: ModelArch, prec: Precision, tp: int, seg: dict) -> tuple:
+    """(ops, memory bytes, network bytes) of one node, per GPU, from the paper's equations.
+
+    ``seg`` holds the segment quantities with batch folded in (batch=1 in every call below).
+    """
+    bt, bpairs, bkv, passes, xpasses = (seg[k] for k in SEGMENT_VARS)
+    Dw, Da, Dkv = prec.weight_bytes, prec.activation_bytes, prec.kv_bytes
+    h = arch.hidden_size
+    k = node.kind
+    zero = 0.0 * bt
+    if k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router"):
+        store = Dkv if k in ("k_proj", "v_proj") else Da
+        ops = K.linear_ops(1, bt, node.d_in, node.d_out, tp)
+        mem = K.linear_memory_bytes(1, bt, passes, node.d_in, node.d_out, Dw, Da, store, tp)
+        bias = node.weight_params - node.d_in * node.d_out
+        mem = mem + bias * Dw * passes / tp
+        return ops, mem, zero
+    if k in ("expert_gate_proj", "expert_up_proj", "expert_down_proj"):
+        topk = arch.moe_experts_per_token
+        ops = K.linear_ops(1, bt * topk, node.d_in, node.d_out, tp)
+        mem = (K.linear_weight_load_bytes(node.d_in, node.d_out, Dw, xpasses, tp)
+               + K.linear_activation_load_bytes(1, bt * topk, node.d_in, Da, tp)
+               + K.linear_output_store_bytes(1, bt * topk, node.d_out, Da, tp))
+        return ops, mem, zero
+    if k == "attention":
+        ops = K.fused_attention_ops(1, bpairs, arch.head_dim, arch.num_heads, tp)
+        mem = (K.fused_attention_q_load_bytes(1, bt, arch.head_dim, arch.num_heads, Da, tp)
+               + K.fused_attention_out_store_bytes(1, bt, arch.head_dim, arch.num_heads, Da, tp)
+               + K.fused_attention_kv_load_bytes(1, bkv, arch.head_dim, arch.num_kv_heads, Dkv, 1, tp))
+        return ops, mem, zero
+    if k in ("matmul_qk", "matmul_sv"):
+        ops = K.attention_matmul_ops(1, bpairs, arch.head_dim, arch.num_heads, tp)
+        fn = K.matmul_qk_memory_bytes if k == "matmul_qk" else K.matmul_sv_memory_bytes
+        mem = fn(1, bt, bpairs, arch.head_dim, arch.num_heads, arch.num_kv_heads, Da, Dkv, tp)
+        return ops, mem, zero
+    if k == "softmax":
+        return (K.softmax_ops(1, bpairs, arch.num_heads, tp),
+                K.softmax_memory_bytes(1, bpairs, arch.num_heads, Da, tp), zero)
+    if k == "norm":
+        return (K.norm_ops(1, bt, h, tp),
+                K.norm_memory_bytes(1, bt, h, Da, Dw, node.weight_params, passes, tp), zero)
+    if k == "qk_norm":
+        heads = arch.num_heads if node.name == "q_norm" else arch.num_kv_heads
+        width = heads * arch.head_dim
+        return (K.norm_ops(1, bt, width, tp),
+                K.norm_memory_bytes(1, bt, width, Da, Dw, node.weight_params, passes, tp), zero)
+    if k == "add":
+        return K.add_ops(1, bt, h, tp), K.add_memory_bytes(1, bt, h, Da, tp), zero
+    if k in ("act", "expert_act"):
+        rows = bt * (arch.moe_experts_per_token if k == "expert_act" else 1)
+        gated = arch.gated_mlp
+        return K.act_ops(1, rows, node.d_in, tp), K.act_memory_bytes(1, rows, node.d_in, Da, gated, tp), zero
+    if k == "all_reduce":
+        return (K.allreduce_ops(1, bt, h, tp), K.allreduce_memory_bytes(1, bt, h, Da, tp),
+                K.allreduce_network_bytes(1, bt, h, Da, tp))
+    raise AssertionError(f"no cost model for kernel kind {k!r}")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of a request: ``tokens`` new tokens per sequence over ``passes`` forward passes."""
+
+    batch: np.ndarray
+    tokens: np.ndarray
+    passes: np.ndarray
+    context_before: np.ndarray
+
+    @staticmethod
+    def prefill(batch, prompt_len) -> "Segment":
+        b, l = np.broadcast_arrays(np.asarray(batch, np.float64), np.asarray(prompt_len, np.float64))
+        return Segment(b, l, np.ones_like(l), np.zeros_like(l))
+
+    @staticmethod
+    def decode(batch, prompt_len, gen_tokens) -> "Segment":
+        """The N_gT - 1 decode steps after the prefill produced the first token."""
+        b, l, n = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (batch, prompt_len, gen_tokens)))
+        steps = np.maximum(n - 1.0, 0.0)
+        return Segment(b, steps, steps, l)
+
+    @staticmethod
+    def chunk(batch, new_tokens, context_before) -> "Segment":
+        """One engine step for a request: ``new_tokens`` (a prefill chunk or 1 decode token)."""
+        b, t, c = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (batch, new_tokens, context_before)))
+        return Segment(b, t, np.where(t > 0, 1.0, 0.0), c)
+
+
+@dataclass(frozen=True)
+class PhaseCosts:
+    """Per-layer, per-GPU node costs for R requests: arrays of shape (R, n_nodes)."""
+
+    ops: np.ndarray
+    memory_bytes: np.ndarray
+    network_bytes: np.ndarray
+    performance_ops_per_s: np.ndarray
+    time_s: np.ndarray
+
+
+@dataclass(frozen=True)
+class WorkloadTotals:
+    """Whole-request totals over all layers, the LM head and all GPUs (arrays of shape (R,))."""
+
+    prefill_flops: np.ndarray
+    decode_flops: np.ndarray
+    prefill_bytes: np.ndarray
+    decode_bytes: np.ndarray
+    prefill_network_bytes: np.ndarray
+    decode_network_bytes: np.ndarray
+    prefill_time_s: np.ndarray  # Roofline time, the sum of kernel times (no overlap, no launch cost)
+    decode_time_s: np.ndarray
+    prefill_matmul_flops: np.ndarray
+    decode_matmul_flops: np.ndarray
+
+    @property
+    def network_bytes(self) -> np.ndarray:
+        return self.prefill_network_bytes + self.decode_network_bytes
+
+
+@dataclass(frozen=True)
+class LayerTemplate:
+    """Static part of the graph for one (model, GPU, precision, parallelism, attention kind)."""
+
+    arch: ModelArch
+    precision: Precision
+    parallelism: Parallelism
+    attention: str
+    nodes: tuple[KernelNode, ...]
+    edge_index: np.ndarray  # (2, E) int64, source -> destination
+    kind_onehot: np.ndarray  # (n_nodes, len(KERNEL_KINDS))
+    dims: np.ndarray  # (n_nodes, 2): d_in, d_out
+    coef_ops: np.ndarray  # (5, n_nodes) per SEGMENT_VARS
+    coef_mem: np.ndarray
+    coef_net: np.ndarray
+    peak_ops_per_s: float
+    memory_bandwidth_bytes_per_s: float
+    network_bandwidth_bytes_per_s: float
+    head: dict = field(default_factory=dict)  # LM head / embedding coefficients
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    def _segment_vars(self, seg: Segment) -> np.ndarray:
+        """(R, 5) matrix of the segment quantities."""
+        arch = self.arch
+        pairs_full = K.attention_pairs(seg.context_before, seg.tokens)
+        if arch.sliding_window:
+            f = arch.sliding_window_layer_fraction
+            pairs = (1 - f) * pairs_full + f * K.attention_pairs(seg.context_before, seg.tokens, arch.sliding_window)
+        else:
+            pairs = pairs_full
+        if self.attention == "unfused":
+            # Matmul-softmax-matmul computes the whole (masked) score square during prefill.
+            pairs = np.where(seg.passes == 1, seg.tokens * (seg.context_before + seg.tokens), pairs)
+        tokens_per_pass = np.where(seg.passes > 0, seg.tokens / np.maximum(seg.passes, 1.0), 0.0)
+        tile = np.clip(tokens_per_pass, 1.0, FLASH_QUERY_TILE)
+        if arch.is_moe:
+            routed = seg.batch * tokens_per_pass
+            xpasses = seg.passes * K.expected_unique_experts(arch.moe_num_experts, arch.moe_experts_per_token, routed)
+        else:
+            xpasses = np.zeros_like(seg.passes)
+        return np.stack([seg.batch * seg.tokens, seg.batch * pairs, seg.batch * pairs / tile, seg.passes, xpasses],
+                        axis=-1)
+
+    def costs(self, seg: Segment) -> PhaseCosts:
+        v = np.atleast_2d(self._segment_vars(seg))
+        ops, mem, net = v @ self.coef_ops, v @ self.coef_mem, v @ self.coef_net
+        is_ar = self.kind_onehot[:, KIND_INDEX["all_reduce"]] > 0
+        traffic = np.where(is_ar, net, mem)
+        bw = np.where(is_ar, self.network_bandwidth_bytes_per_s, self.memory_bandwidth_bytes_per_s)
+        perf = K.roofline_performance(ops, traffic, self.peak_ops_per_s, bw)
+        return PhaseCosts(ops, mem, net, perf, K.roofline_time_s(ops, perf))
+
+    def _head_costs(self, seg: Segment):
+        """LM head on the last token of each pass, final norm, embedding gather: all GPUs together."""
+        a, p = self.arch, self.precision
+        b = seg.batch
+        ops = K.linear_ops(b, seg.passes, a.hidden_size, a.vocab_size, 1) + K.norm_ops(b, seg.passes, a.hidden_size, 1)
+        mem = (K.linear_memory_bytes(b, seg.passes, seg.passes, a.hidden_size, a.vocab_size, p.weight_bytes,
+                                     p.activation_bytes, p.activation_bytes, 1)
+               + b * seg.tokens * a.hidden_size * p.weight_bytes)  # embedding rows gathered
+        t_compute = ops / self.peak_ops_per_s
+        t_mem = mem / (self.memory_bandwidth_bytes_per_s * self.parallelism.tensor_parallel)
+        matmul = K.linear_ops(b, seg.passes, a.hidden_size, a.vocab_size, 1)
+        return ops, mem, np.maximum(t_compute / self.parallelism.tensor_parallel, t_mem), matmul
+
+    def totals(self, prefill: Segment, decode: Segment, prefill_costs: PhaseCosts | None = None,
+               decode_costs: PhaseCosts | None = None) -> WorkloadTotals:
+        tp, pp = self.parallelism.tensor_parallel, self.parallelism.pipeline_parallel
+        layers = self.arch.num_layers
+        out = {}
+        matmul_mask = np.array([n.kind in MATMUL_KINDS for n in self.nodes])
+        for name, seg, c in (("prefill", prefill, prefill_costs), ("decode", decode, decode_costs)):
+            c = c or self.costs(seg)
+            h_ops, h_mem, h_time, h_mm = self._head_costs(seg)
+            out[f"{name}_flops"] = c.ops.sum(-1) * tp * layers + h_ops
+            out[f"{name}_matmul_flops"] = (c.ops * matmul_mask).sum(-1) * tp * layers + h_mm
+            out[f"{name}_bytes"] = c.memory_bytes.sum(-1) * tp * layers + h_mem
+            # Pipeline stages hand activations on: (pp - 1) transfers of |B| T h D_A.
+            p2p = (pp - 1) * seg.batch * seg.tokens * self.arch.hidden_size * self.precision.activation_bytes
+            out[f"{name}_network_bytes"] = c.network_bytes.sum(-1) * tp * layers + p2p
+            out[f"{name}_time_s"] = c.time_s.sum(-1) * layers + h_time
+        return WorkloadTotals(**out)
+
+    def weight_bytes(self) -> float:
+        """Bytes of all weights (what loading the model puts on the GPUs)."""
+        return self.arch.param_count() * self.precision.weight_bytes
+
+
+@functools.lru_cache(maxsize=256)
+def _build_template_cached(arch: ModelArch, precision: Precision, parallelism: Parallelism, attention: str,
+                           peak: float, bw: float, net: float) -> LayerTemplate:
+    tp = parallelism.tensor_parallel
+    nodes = _layer_nodes(arch, attention=attention, tensor_parallel=tp)
+    index = {n.name: i for i, n in enumerate(nodes)}
+    edges = [(index[p], index[n.name]) for n in nodes for p in n.parents]
+    edge_index = np.array(edges, dtype=np.int64).T.reshape(2, -1)
+    onehot = np.zeros((len(nodes), len(KERNEL_KINDS)))
+    for i, n in enumerate(nodes):
+        onehot[i, KIND_INDEX[n.kind]] = 1.0
+    coef = np.zeros((3, len(SEGMENT_VARS), len(nodes)))
+    for j, var in enumerate(SEGMENT_VARS):
+        unit = {v: (1.0 if v == var else 0.0) for v in SEGMENT_VARS}
+        for i, n in enumerate(nodes):
+            coef[:, j, i] = _node_cost(n, arch, precision, tp, unit)
+    return LayerTemplate(
+        arch=arch, precision=precision, parallelism=parallelism, attention=attention, nodes=tuple(nodes),
+        edge_index=edge_index, kind_onehot=onehot,
+        dims=np.array([[n.d_in, n.d_out] for n in nodes], dtype=np.float64),
+        coef_ops=coef[0], coef_mem=coef[1], coef_net=coef[2],
+        peak_ops_per_s=peak, memory_bandwidth_bytes_per_s=bw, network_bandwidth_bytes_per_s=net,
+    )
+
+
+def build_layer_template(arch: ModelArch, precision: Precision, gpu, parallelism: Parallelism | None = None,
+                         attention: str = "fused") -> LayerTemplate:
+    """The cached static graph for one layer on ``gpu`` (a :class:`~llmco2_serve.hardware.GPUSpec`)."""
+    parallelism = parallelism or Parallelism()
+    tp = parallelism.tensor_parallel
+    peak = float(gpu.peak_flops_per_s(precision.compute_dtype))
+    bw = float(gpu.memory_bandwidth_bytes_per_s())
+    net = float(gpu.network_bandwidth_bytes_per_s()) if tp > 1 else float(gpu.network_bandwidth_bytes_per_s() or 1.0)
+    return _build_template_cached(arch, precision, parallelism, attention, peak, bw, net)
+
+
+def direct_node_costs(template: LayerTemplate, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluate every node's equations directly (no coefficients); used by tests to check ``costs``."""
+    v = np.atleast_2d(template._segment_vars(seg))
+    cols = [np.stack(_node_cost(n, template.arch, template.precision, template.parallelism.tensor_parallel,
+                                dict(zip(SEGMENT_VARS, v.T)))) for n in template.nodes]
+    arr = np.stack(cols, axis=-1)  # (3, R, n)
+    return arr[0], arr[1], arr[2]
+

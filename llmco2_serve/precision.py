@@ -1,0 +1,111 @@
+"""Numeric precision of weights, activations and the KV cache.
+
+The kernel equations need three byte sizes (paper: D_W, D_A, D_KV) and the dtype whose peak
+throughput bounds the matmuls (Roofline, Eq. 8). Weight-only quantization (int8/int4, AWQ, GPTQ)
+stores small weights but computes in the activation dtype; fp8 (W8A8) computes in fp8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp8", "int8", "int4")
+
+_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+_ALIASES = {
+    "fp32": "float32", "float": "float32", "torch.float32": "float32",
+    "fp16": "float16", "half": "float16", "torch.float16": "float16",
+    "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
+    "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "float8": "fp8", "float8_e4m3fn": "fp8",
+    "w8a16": "int8", "w4a16": "int4", "awq": "int4", "gptq": "int4",
+}
+
+
+class PrecisionError(ValueError):
+    pass
+
+
+def normalize_dtype(name: str) -> str:
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _BYTES:
+        raise PrecisionError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_CHOICES)}")
+    return key
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Byte sizes per element (D_W, D_A, D_KV) and the compute dtype for peak throughput."""
+
+    weight_dtype: str
+    activation_dtype: str
+    kv_dtype: str
+    compute_dtype: str
+
+    @property
+    def weight_bytes(self) -> float:
+        return _BYTES[self.weight_dtype]
+
+    @property
+    def activation_bytes(self) -> float:
+        return _BYTES[self.activation_dtype]
+
+    @property
+    def kv_bytes(self) -> float:
+        return _BYTES[self.kv_dtype]
+
+    @property
+    def label(self) -> str:
+        if self.weight_dtype == self.activation_dtype:
+            return self.weight_dtype
+        return f"w:{self.weight_dtype}/a:{self.activation_dtype}"
+
+    @classmethod
+    def from_name(cls, dtype: str, *, kv_cache_dtype: str | None = None, base_dtype: str = "bfloat16") -> "Precision":
+        """``dtype`` as the CLI takes it. int8/int4 are weight-only (activations in ``base_dtype``)."""
+        d = normalize_dtype(dtype)
+        base = normalize_dtype(base_dtype)
+        if base not in ("float32", "float16", "bfloat16"):
+            raise PrecisionError(f"base dtype must be a float type, got {base_dtype!r}")
+        if d in ("float32", "float16", "bfloat16"):
+            weight, act, compute = d, d, d
+        elif d == "fp8":
+            weight, act, compute = "fp8", base, "fp8"  # W8A8 fp8: fp8 matmuls, bf16 between kernels
+        else:
+            weight, act, compute = d, base, base  # weight-only: dequantised on the fly
+        kv = act if kv_cache_dtype in (None, "auto") else normalize_dtype(kv_cache_dtype)
+        return cls(weight, act, kv, compute)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], *, override: str | None = None,
+                       kv_cache_dtype: str | None = None) -> "Precision":
+        """From ``torch_dtype``/``dtype`` and ``quantization_config`` (``override`` wins)."""
+        base = config.get("torch_dtype") or config.get("dtype") or None
+        if base is None and override is None:
+            raise PrecisionError("config has no 'torch_dtype' and no dtype was given; pass --dtype")
+        base = normalize_dtype(base) if base else "bfloat16"
+        if base not in ("float32", "float16", "bfloat16"):
+            base = "bfloat16"
+        if override:
+            return cls.from_name(override, kv_cache_dtype=kv_cache_dtype,
+                                 base_dtype=base if normalize_dtype(override) not in ("float32", "float16", "bfloat16") else normalize_dtype(override))
+        quant = config.get("quantization_config")
+        if isinstance(quant, Mapping):
+            return cls.from_name(quantization_dtype(quant), kv_cache_dtype=kv_cache_dtype, base_dtype=base)
+        return cls.from_name(base, kv_cache_dtype=kv_cache_dtype, base_dtype=base)
+
+
+def quantization_dtype(quant: Mapping[str, Any]) -> str:
+    """Map an HF ``quantization_config`` (or vLLM's quantization name) to our dtype names."""
+    method = str(quant.get("quant_method", "")).lower()
+    bits = quant.get("bits") or quant.get("w_bit") or quant.get("weight_bits")
+    if method in ("fp8", "fbgemm_fp8", "compressed-tensors") and not bits:
+        return "fp8"
+    if bits in (4, "4"):
+        return "int4"
+    if bits in (8, "8"):
+        return "int8"
+    if method in ("awq", "gptq", "marlin", "awq_marlin", "gptq_marlin", "bitsandbytes"):
+        return "int4"
+    raise PrecisionError(f"unsupported quantization_config {dict(quant)!r}: cannot tell the weight bit width")

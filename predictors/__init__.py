@@ -1,0 +1,1 @@
+"""Energy predictors: the LLMCO2 GNN, baselines, training and sampling."""
