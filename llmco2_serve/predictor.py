@@ -1,0 +1,217 @@
+"""The one entry point: ``Predictor.from_config(...)`` then ``predict(...)``.
+
+Everything that depends only on (model, GPU, precision, parallelism) — the layer graph template,
+its coefficient matrices, the GNN's adjacency, the carbon factors — is built once in
+``from_config``. ``predict`` then costs a few NumPy operations (see ``benchmarks/predict_overhead.py``)
+and ``predict_many`` evaluates thousands of requests in one pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Mapping
+
+import numpy as np
+
+from .arch import ModelArch, load_hf_config
+from .carbon import CarbonSettings, embodied_co2_g, operational_co2_g
+from .graph import Parallelism, Segment, build_layer_template
+from .hardware import GPUSpec, resolve_gpu
+from .precision import Precision
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "gnn_weights.npz"
+METADATA_FILE = "gnn_weights.json"
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EmbeddedWeights:
+    arrays: dict
+    metadata: dict
+
+    @property
+    def label(self) -> str:
+        m = self.metadata
+        return f"llmco2-gnn {m.get('version', '?')} ({m.get('engine_profile', '?')})"
+
+
+@functools.lru_cache(maxsize=4)
+def load_weights(path: str | None = None) -> EmbeddedWeights:
+    """The packaged GNN weights (or a user file written by ``llmco2 train``), loaded once."""
+    try:
+        if path is None:
+            base = resources.files("llmco2_serve.data")
+            with resources.as_file(base / WEIGHTS_FILE) as p, open(p, "rb") as f:
+                arrays = dict(np.load(f))
+            metadata = json.loads((base / METADATA_FILE).read_text(encoding="utf-8"))
+        else:
+            with open(path, "rb") as f:
+                arrays = dict(np.load(f))
+            meta_path = os.path.splitext(path)[0] + ".json"
+            with open(meta_path, encoding="utf-8") as f:
+                metadata = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot load GNN weights from {path or 'the package'}: {e}") from e
+    return EmbeddedWeights(arrays, metadata)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted cost of one request (``batch`` sequences). Energies in J, carbon in g CO2e."""
+
+    prefill_energy_j: float
+    decode_energy_j: float
+    energy_j: float
+    prefill_time_s: float
+    decode_time_s: float
+    time_s: float
+    operational_co2_g: float
+    embodied_co2_g: float
+    co2_g: float
+    totals: dict
+    inputs: dict
+    predictor: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in (
+            "prefill_energy_j", "decode_energy_j", "energy_j", "prefill_time_s", "decode_time_s", "time_s",
+            "operational_co2_g", "embodied_co2_g", "co2_g")}
+        d.update(self.totals)
+        d["inputs"] = dict(self.inputs)
+        d["predictor"] = self.predictor
+        return d
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """Arrays of shape (R,) for R requests."""
+
+    prefill_energy_j: np.ndarray
+    decode_energy_j: np.ndarray
+    energy_j: np.ndarray
+    time_s: np.ndarray
+    co2_g: np.ndarray
+
+
+@dataclass
+class Predictor:
+    arch: ModelArch
+    gpu: GPUSpec
+    precision: Precision
+    parallelism: Parallelism
+    carbon: CarbonSettings
+    attention: str = "fused"
+    weights: EmbeddedWeights = field(default_factory=load_weights, repr=False)
+    model_name: str = ""
+
+    def __post_init__(self):
+        from .predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES, Standardizer
+        from .predictors.gnn import NumpyGNN, mean_adjacency
+
+        meta = self.weights.metadata
+        if list(meta.get("node_features", [])) != list(NODE_FEATURE_NAMES) or \
+                list(meta.get("global_features", [])) != list(GLOBAL_FEATURE_NAMES):
+            raise WeightsError("GNN weights were trained on a different feature layout; retrain with `llmco2 train`")
+        self._template = build_layer_template(self.arch, self.precision, self.gpu, self.parallelism, self.attention)
+        self._adjacency = mean_adjacency(self._template.edge_index, self._template.n_nodes)
+        self._net = NumpyGNN(self.weights.arrays)
+        self._std = Standardizer.from_arrays(self.weights.arrays)
+        self._layer_scaled = bool(meta.get("layer_scaled", False))
+        self._power_fraction = float(meta.get("mean_power_fraction_of_tdp", 0.35))
+        self._co2_per_j = operational_co2_g(1.0, self.carbon.pue, self.carbon.intensity_g_per_kwh)
+        self._embodied_per_s = embodied_co2_g(1.0, self.parallelism.n_gpu, self.gpu.embodied_co2_kg,
+                                              self.carbon.lifetime_s)
+
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any] | str | os.PathLike, *, gpu: str | GPUSpec = "H100",
+                    n_gpu: int | None = None, tensor_parallel: int | None = None, pipeline_parallel: int = 1,
+                    dtype: str | None = None, kv_cache_dtype: str | None = None,
+                    carbon: CarbonSettings | None = None, gpu_spec_file: str | None = None,
+                    weights_path: str | None = None, attention: str = "fused") -> "Predictor":
+        """Build from an HF config (dict, file or model folder), a GPU name (NVML names work) and TP/PP.
+
+        ``n_gpu`` is a shorthand for ``tensor_parallel`` when PP is 1.
+        """
+        config = dict(model_config) if isinstance(model_config, Mapping) else load_hf_config(model_config)
+        arch = ModelArch.from_hf_config(config)
+        precision = Precision.from_hf_config(config, override=dtype, kv_cache_dtype=kv_cache_dtype)
+        spec = gpu if isinstance(gpu, GPUSpec) else resolve_gpu(gpu, gpu_spec_file)
+        tp = tensor_parallel or (n_gpu // pipeline_parallel if n_gpu else 1)
+        if n_gpu and tp * pipeline_parallel != n_gpu:
+            raise ValueError(f"n_gpu={n_gpu} is not tensor_parallel x pipeline_parallel ({tp} x {pipeline_parallel})")
+        return cls(arch=arch, gpu=spec, precision=precision,
+                   parallelism=Parallelism(tp, pipeline_parallel), carbon=carbon or CarbonSettings(),
+                   attention=attention, weights=load_weights(weights_path),
+                   model_name=str(config.get("_name_or_path") or config.get("model_type")))
+
+    # -- hot path ---------------------------------------------------------------------------------
+
+    def _raw(self, batch, prompt_len, gen_tokens):
+        from .predictors.features import featurize
+
+        gb = featurize(self._template, batch, prompt_len, gen_tokens, self.gpu)
+        out = self._net.forward(self._std.nodes(gb.node_x), self._adjacency, self._std.globals(gb.global_x))
+        scale = float(self.arch.num_layers) if self._layer_scaled else 1.0
+        pre = np.exp(out[:, 0]) * scale
+        dec = np.exp(out[:, 1]) * gb.decode_steps * scale
+        return pre, dec, gb.totals
+
+    def _time_s(self, energy_j, roofline_time_s):
+        # Time at the training set's mean power; never faster than the Roofline allows.
+        power_w = self._power_fraction * self.gpu.tdp_w * self.parallelism.n_gpu
+        return np.maximum(energy_j / power_w, roofline_time_s)
+
+    def predict(self, *, prompt_len: int, gen_tokens: int, batch: int = 1) -> Prediction:
+        _validate(batch, prompt_len, gen_tokens)
+        pre, dec, t = self._raw(batch, prompt_len, gen_tokens)
+        pre_e, dec_e = float(pre[0]), float(dec[0])
+        pre_t = float(self._time_s(pre, t.prefill_time_s)[0])
+        dec_t = float(self._time_s(dec, t.decode_time_s)[0]) if gen_tokens > 1 else 0.0
+        energy = pre_e + dec_e
+        oper = energy * self._co2_per_j
+        emb = (pre_t + dec_t) * self._embodied_per_s
+        totals = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in (
+            ("prefill_flops", t.prefill_flops), ("decode_flops", t.decode_flops),
+            ("prefill_bytes", t.prefill_bytes), ("decode_bytes", t.decode_bytes),
+            ("network_bytes", t.network_bytes))}
+        inputs = {"model_type": self.arch.model_type, "model": self.model_name, "gpu": self.gpu.name,
+                  "n_gpu": self.parallelism.n_gpu, "tensor_parallel": self.parallelism.tensor_parallel,
+                  "pipeline_parallel": self.parallelism.pipeline_parallel, "dtype": self.precision.label,
+                  "kv_cache_dtype": self.precision.kv_dtype, "batch": batch, "prompt_len": prompt_len,
+                  "gen_tokens": gen_tokens, "carbon_intensity_g_per_kwh": self.carbon.intensity_g_per_kwh,
+                  "pue": self.carbon.pue}
+        return Prediction(pre_e, dec_e, energy, pre_t, dec_t, pre_t + dec_t, oper, emb, oper + emb, totals, inputs,
+                          self.weights.label)
+
+    def predict_many(self, prompt_len, gen_tokens, batch=1) -> PredictionBatch:
+        """Vectorised predictions for arrays of requests (no per-request Python)."""
+        pre, dec, t = self._raw(batch, prompt_len, gen_tokens)
+        time_s = self._time_s(pre, t.prefill_time_s) + np.where(dec > 0, self._time_s(dec, t.decode_time_s), 0.0)
+        energy = pre + dec
+        return PredictionBatch(pre, dec, energy, time_s, energy * self._co2_per_j + time_s * self._embodied_per_s)
+
+    def step_costs(self, new_tokens, context_len) -> np.ndarray:
+        """Relative cost (Roofline time, s) of engine-step work items: ``new_tokens`` after ``context_len``.
+
+        Used to split a measured step's energy between the requests scheduled in it.
+        """
+        seg = Segment.chunk(1, new_tokens, context_len)
+        c = self._template.costs(seg)
+        layers = self.arch.num_layers
+        return c.time_s.sum(-1) * layers + self._template._head_costs(seg)[2]
+
+
+def _validate(batch, prompt_len, gen_tokens):
+    for name, v in (("batch", batch), ("prompt_len", prompt_len), ("gen_tokens", gen_tokens)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")

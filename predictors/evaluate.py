@@ -1,0 +1,163 @@
+"""Accuracy of energy predictors: MAPE and EBA (paper section 5.1) and leave-one-architecture-out.
+
+:func:`evaluate` scores request energy overall and per model, and each phase where the predictor
+gives one. A measured value that is zero or negative cannot be a reference for a relative error
+(NVML counter noise, ``shared/README.md``), so such rows are left out of *that* metric and counted
+under ``excluded`` with the reason -- never dropped silently. All accuracies are fractions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from llmco2_serve.metrics import eba, mape
+
+from .baselines import EnergyPredictor, make_predictor
+from .dataset import GraphSample
+
+__all__ = ["PHASES", "EBA_BOUNDS", "EXCLUSION_REASONS", "evaluate", "leave_one_architecture_out"]
+
+PHASES = ("prefill", "decode", "request")
+EBA_BOUNDS = {"eba_5": 0.05, "eba_10": 0.10, "eba_30": 0.30}
+EXCLUSION_REASONS = {
+    "no_decode_steps": "gen_tokens == 1: the decode phase is empty, 0 J by definition",
+    "measured_zero": "the NVML energy counter did not advance inside the measurement window",
+    "measured_negative": "decode = request - prefill came out below zero (counter noise)",
+    "missing": "the record has no value for this phase",
+}
+
+
+def _measured(samples: Sequence[GraphSample], phase: str) -> np.ndarray:
+    return np.array([getattr(s, f"{phase}_energy_j") for s in samples], np.float64)
+
+
+def _exclusion_reasons(samples: Sequence[GraphSample], phase: str) -> list[str | None]:
+    """Why each row cannot be scored for ``phase`` (None: it can)."""
+    out: list[str | None] = []
+    for s, m in zip(samples, _measured(samples, phase)):
+        if not math.isfinite(m):
+            out.append("missing")
+        elif phase == "decode" and s.decode_steps <= 0 and m == 0:
+            out.append("no_decode_steps")
+        elif m == 0:
+            out.append("measured_zero")
+        elif m < 0:
+            out.append("measured_negative")
+        else:
+            out.append(None)
+    return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _scores(predicted: np.ndarray, measured: np.ndarray, reasons: Sequence[str | None]) -> dict:
+    keep = np.array([r is None for r in reasons], bool)
+    counts: dict[str, int] = {}
+    for r in reasons:
+        if r is not None:
+            counts[r] = counts.get(r, 0) + 1
+    p, m = predicted[keep], measured[keep]
+    out = {"n": int(keep.sum()), "mape": _finite_or_none(mape(p, m)) if keep.any() else None}
+    for key, bound in EBA_BOUNDS.items():
+        out[key] = _finite_or_none(eba(p, m, bound)) if keep.any() else None
+    out["excluded"] = {"count": int((~keep).sum()), "reasons": dict(sorted(counts.items()))}
+    return out
+
+
+def _check_predictions(values, samples: Sequence[GraphSample], phase: str) -> np.ndarray:
+    arr = np.asarray(values, np.float64)
+    if arr.shape != (len(samples),):
+        raise ValueError(f"predicted[{phase!r}] has shape {arr.shape}, expected ({len(samples)},) -- one per sample")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        s = samples[bad[0]]
+        raise ValueError(f"predicted[{phase!r}][{bad[0]}] is {arr[bad[0]]} (model {s.model!r}); "
+                         f"{bad.size} non-finite prediction(s)")
+    return arr
+
+
+def _phase_block(predicted: np.ndarray, samples: Sequence[GraphSample], phase: str) -> dict:
+    measured = _measured(samples, phase)
+    reasons = _exclusion_reasons(samples, phase)
+    block = _scores(predicted, measured, reasons)
+    models = list(dict.fromkeys(s.model for s in samples))
+    block["per_model"] = {}
+    for model in models:
+        rows = [i for i, s in enumerate(samples) if s.model == model]
+        block["per_model"][model] = _scores(predicted[rows], measured[rows], [reasons[i] for i in rows])
+    return block
+
+
+def evaluate(predicted: Mapping[str, np.ndarray | None], samples: Sequence[GraphSample]) -> dict:
+    """MAPE and EBA(5/10/30%) of ``predicted`` (``{"prefill", "decode", "request"}``, J) against samples.
+
+    Returns (JSON-ready, fractions, ``None`` where nothing could be scored)::
+
+        {"n", "mape", "eba_5", "eba_10", "eba_30",         # request energy, all rows
+         "excluded": {"count", "reasons": {reason: count}},
+         "per_model": {model: {same keys}},
+         "prefill": {same keys + per_model} | None,         # None: the predictor has no phases
+         "decode":  {same keys + per_model} | None}
+
+    Raises ValueError when a prediction array does not have one finite value per sample.
+    """
+    if len(samples) == 0:
+        raise ValueError("evaluate: no samples")
+    if predicted.get("request") is None:
+        raise ValueError("evaluate: predicted has no 'request' energies")
+    request = _phase_block(_check_predictions(predicted["request"], samples, "request"), samples, "request")
+    out = {k: v for k, v in request.items()}
+    for phase in ("prefill", "decode"):
+        values = predicted.get(phase)
+        out[phase] = None if values is None else _phase_block(_check_predictions(values, samples, phase),
+                                                               samples, phase)
+    return out
+
+
+PredictorFactory = Callable[[str, int], EnergyPredictor]
+
+
+def leave_one_architecture_out(samples: Sequence[GraphSample], predictor_name: str, seed: int = 0, *,
+                               make: PredictorFactory = make_predictor):
+    """Train on all models but one, predict the held-out one; once per ``model`` label.
+
+    Returns ``(predictions, folds)``: predictions ``{"prefill", "decode", "request"}`` aligned to
+    ``samples`` (phases None when the predictor has none) and one dict per fold: ``held_out``,
+    ``train_models``, ``n_train``, ``n_test``, ``fit_time_s``, ``predict_time_s``. ``make(name, seed)``
+    builds a fresh predictor per fold (``make_predictor`` by default).
+    """
+    models = list(dict.fromkeys(s.model for s in samples))
+    if len(models) < 2:
+        raise ValueError(f"leave_one_architecture_out needs samples of at least 2 models, got {models}")
+    n = len(samples)
+    preds: dict[str, np.ndarray | None] = {p: np.full(n, np.nan) for p in PHASES}
+    folds = []
+    for held_out in models:
+        test_idx = [i for i, s in enumerate(samples) if s.model == held_out]
+        train = [s for s in samples if s.model != held_out]
+        train_models = sorted({s.model for s in train})
+        if held_out in train_models:  # the whole point of the split; never let it regress
+            raise RuntimeError(f"fold {held_out!r}: the held-out model is in the training set")
+        predictor = make(predictor_name, seed)
+        t0 = time.perf_counter()
+        predictor.fit(train)
+        t1 = time.perf_counter()
+        out = predictor.predict([samples[i] for i in test_idx])
+        t2 = time.perf_counter()
+        for phase in PHASES:
+            values = out.get(phase)
+            if values is None:
+                if phase == "request":
+                    raise ValueError(f"predictor {predictor_name!r} returned no request energies")
+                preds[phase] = None
+            elif preds[phase] is not None:
+                preds[phase][test_idx] = np.asarray(values, np.float64)
+        folds.append({"held_out": held_out, "train_models": train_models, "n_train": len(train),
+                      "n_test": len(test_idx), "fit_time_s": t1 - t0, "predict_time_s": t2 - t1})
+    return preds, folds
