@@ -1,0 +1,702 @@
+"""Attribute measured GPU energy to requests under continuous batching.
+
+The engine calls :meth:`EnergyAttributor.on_step` after every step with the step's interval and
+the work it scheduled (:class:`ScheduledWork`: one prefill chunk or decode token(s) per request,
+with a ``weight`` = predicted relative cost). The attributor reads the energy counters once per
+call, at the call (``clock()``), and keeps a ledger per request. Joules and seconds throughout.
+
+Windows
+    Counters move in coarse steps (NVML: ~100 ms), so energy is known only per *window*: per
+    device, the time between two reads at which that device's counter changed. Each device has
+    its own windows (TP ranks tick at different instants). A window closes at the read that
+    sees the change; until then it is *open*.
+
+Splitting a closed window (device ``d``, energy ``dE``, duration ``D``)
+    Steps are clipped to ``[max(start_s, previous read), min(end_s, this read)]`` so they never
+    overlap; ``B`` = summed step time inside the window, ``I = D - B`` = time with no work.
+
+    1. Idle share, the *idle floor* rule: ``E_idle = min(p_idle * I, dE * I / D)``. ``p_idle``
+       is ``idle_power_w`` from the constructor, else the lowest average power among the
+       device's last 16 closed windows: every window's average is an upper bound on idle power
+       (work draws at least idle power), and windows read while idle (:meth:`poll`) make it
+       tight. The ``min`` caps it at the time-proportional share. Why not purely
+       time-proportional: a 20 ms step in an otherwise idle 100 ms window would get 20% of the
+       window although it drew ~3x idle power.
+    2. Steps: ``E_busy = dE - E_idle`` goes to the window's steps in proportion to their *mass*:
+       with ``step_split="duration"`` (default) a step's mass is its duration (the counter says
+       nothing about power differences between steps of one window); with
+       ``step_split="weight"`` it is the sum of its work's weights, which is better when weights
+       are predicted joules (prefill-heavy steps draw ~2.8x the power of decode-only ones: H200
+       data in ``shared/data/energy``, median 533 W vs 187 W).
+    3. Requests: within a step, energy goes to its work items in proportion to ``weight``, into
+       the item's phase (``prefill``/``decode``; recompute after preemption counts as prefill).
+       An item's mass is ``dur * weight / sum(weights)`` (duration split) or ``weight``.
+
+    Energy is conserved exactly (up to float rounding): every closed window's ``dE`` goes to
+    ``idle_energy_j`` or to requests (``attributed_energy_j``), whether or not the request was
+    already reported, so ``attributed + idle == total`` (the counters' delta since start).
+
+Open windows and ``on_finished``
+    ``on_finished`` returns at once. Energy of the request's work in a still-open window of
+    device ``d`` is estimated as ``k_d * m_open`` with ``k_d = E_busy / M`` (energy per unit
+    mass; watts for the duration split) of that device's latest closed window that had work,
+    and ``m_open`` the request's mass in the open window. Such a value has ``final=False`` (NaN
+    while the device has not yet closed a window with work). When every window holding its
+    steps has closed, the exact ledger value is delivered once, ``final=True``, through
+    :meth:`pop_finalized` and the optional ``on_final`` callback; every finished request is
+    delivered exactly once, also when its first answer was already final.
+
+Uncertainty (``uncertainty_j``: an error scale, not a strict bound)
+    Per device ``d``, two kinds of terms, added in quadrature; devices add linearly (they run
+    the same steps, so their errors are correlated); estimated parts add 100%::
+
+        u_r = sum_d sqrt( sum_b (eps_b * (q_rb- - q_rb+))**2 + sum_w x_rw**2 )
+              + e_open + e_lost
+
+    - Boundaries (quantisation). At each window boundary ``b`` (a read that saw the counter
+      change) the update instant is only known to lie within the read gap before that read and
+      within one update period, so ``eps_b = min(read gap, update_period_s) * (mean power of
+      the window closed at b)`` joules may belong to the other side. It moves request ``r``'s
+      energy by ``eps_b * (q_rb- - q_rb+)``, where ``q`` is r's fraction of the energy of the
+      window before/after ``b`` (0 if it has no work there). Interior boundaries of a request
+      that dominates both neighbours cancel; its first and last boundaries count fully. The
+      baseline read's boundary uses the update period (the counter may have ticked up to one
+      period before it).
+    - Windows (split rules), ``x_rw = e_rw * f * E_idle / E_busy + max(S_rw, R_rw)``.
+      Busy/idle split: uncertain by ``f = 0.25`` of the idle share when ``p_idle`` is known
+      (constructor or a fully idle window; about the counter's window-to-window
+      repeatability), ``f = 1`` when it is only an upper bound. Step split: if the steps'
+      power differs from the window's mean by up to ``g = 0.5`` (prefill ~2.8x decode power
+      is +-50% around a mix), r's energy moves by up to ``g * k * sum_s |m_rs - F_rw * M_s|``,
+      bounded by ``S_rw = g * k * sqrt(N_w * sum_s (m_rs - F_rw * M_s)**2)`` (Cauchy-Schwarz;
+      it needs only running sums), where the sum runs over the window's ``N_w`` steps,
+      ``m_rs`` is r's mass in step ``s`` (0 if absent), ``M_s`` the step's mass and
+      ``F_rw = m_rw / M_w`` r's mean share of the window: zero when r holds the same share of
+      every step. Resolution: ``R_rw = e_rw * max(0, 1 - tau_rw / min(update_period_s, D))``
+      with ``tau_rw`` the duration of the window's steps that r was in: the counter cannot
+      place energy in time below its update period (A100/H100 even sample power during only
+      ~25% of it: Yang, Adamek, Armour, SC'24), so work covering a fraction of that period is
+      uncertain by the uncovered fraction.
+    - ``e_open`` (open-window estimate) and ``e_lost`` (work a failed reader never measured)
+      count 100%.
+
+    So a request whose life is shorter than the update period has ``u`` of the order of its
+    estimate (``R_rw``, or it is all ``e_open``), and a long request mostly keeps its two end
+    boundaries. Check: reads 0.5 s
+    apart with 0.1 s update period give a relative ``sqrt(2) * 0.1 / 0.5 = 0.28`` for a lone
+    request, the scale of the 17-20% median difference between back-to-back 0.5 s NVML
+    windows (``shared/README.md``).
+
+Failures
+    The attributor never raises into the engine for reader problems. A transient
+    ``EnergyReaderError`` skips that read (the window stays open); a permanent one,
+    ``max_consecutive_errors`` transient ones in a row, a counter going backwards, a change in
+    the number of counters, or a counter that does not move for ``max_open_window_s`` while being
+    read mark the reader failed (logged once). Work from then on, and work in windows that can
+    no longer close, is *lost*: estimated with the latest ``k_d`` and counted 100% in
+    ``uncertainty_j``. Requests with some measured and some lost work get
+    ``source = "<reader source>-partial"``; requests with nothing measured (every request under
+    :class:`~llmco2_serve.gpu_energy.NullEnergyReader`) get ``source = "unavailable"`` and NaN
+    energies and uncertainty (NaN rather than None so that the fields stay ``float``).
+
+Hot path
+    ``on_step`` is O(work items); closing a window is O(live requests) per device, from running
+    sums (no per-step records are kept); no logging, no per-item containers. Not thread-safe:
+    call every method from the engine's step thread. ``benchmarks/attribution_overhead.py``
+    measures it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from llmco2_serve.gpu_energy import EnergyReader, EnergyReaderError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScheduledWork", "MeasuredEnergy", "EnergyAttributor"]
+
+_NAN = float("nan")
+_PREFILL, _DECODE = 0, 1
+_IDLE_HISTORY = 16  # closed windows remembered per device for the idle floor
+# f in the module docstring when idle power is known: about the counter's window-to-window
+# repeatability (shared/README.md: median 17-20%).
+_KNOWN_IDLE_REL_ERROR = 0.25
+# g in the module docstring: step power spread within a window (prefill ~2.8x decode on H200).
+_STEP_POWER_REL_SPREAD = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledWork:
+    """One request's work in one engine step.
+
+    Attributes:
+        request_id: the engine's request id.
+        phase: ``"prefill"`` (a prompt chunk, or recompute) or ``"decode"``.
+        n_tokens: tokens processed for this request in this step (>= 1).
+        context_len: tokens already in its KV cache before this step (>= 0).
+        weight: predicted relative cost of this work in this step (e.g. predicted joules);
+            finite and > 0. With ``step_split="duration"`` only ratios within a step matter;
+            with ``"weight"`` weights must be comparable across steps (predicted joules).
+    """
+
+    request_id: str
+    phase: Literal["prefill", "decode"]
+    n_tokens: int
+    context_len: int
+    weight: float
+
+    def __post_init__(self) -> None:
+        if self.phase != "prefill" and self.phase != "decode":
+            raise ValueError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
+        if self.n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {self.n_tokens}")
+        if self.context_len < 0:
+            raise ValueError(f"context_len must be >= 0, got {self.context_len}")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"weight must be finite and > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class MeasuredEnergy:
+    """Measured energy of one request (sum over watched devices).
+
+    Attributes:
+        prefill_energy_j, decode_energy_j, energy_j: joules; ``energy_j`` is their sum. NaN when
+            ``source == "unavailable"``.
+        uncertainty_j: error scale of ``energy_j`` (module docstring), joules.
+        estimated_energy_j: the part of ``energy_j`` that was estimated rather than read from a
+            closed window (open window or lost steps), joules.
+        source: the reader's source (``"nvml"``, ``"fake"``, ...), ``"<source>-partial"`` or
+            ``"unavailable"``.
+        n_steps: engine steps the request took part in.
+        n_preemptions: times :meth:`EnergyAttributor.on_preempted` was called for it.
+        aborted: as passed to :meth:`EnergyAttributor.on_finished`.
+        final: False if part of the value is an open-window estimate that will still change.
+    """
+
+    request_id: str
+    prefill_energy_j: float
+    decode_energy_j: float
+    energy_j: float
+    uncertainty_j: float
+    estimated_energy_j: float
+    source: str
+    n_steps: int
+    n_preemptions: int
+    aborted: bool
+    final: bool
+
+
+class _Req:
+    """Ledger entry for one request (mutable, internal).
+
+    Window sums come from cumulative sums minus snapshots taken when a device last closed a
+    window that held this request's work, so closing a window is O(1) per request.
+    """
+
+    __slots__ = (
+        "rid", "energy_j", "mass", "mass_sq", "mass_x_step", "busy_s", "snap_mass", "snap_sq",
+        "snap_x", "snap_busy_s", "var_j2", "win_prev", "q_prev", "lost_j", "lost_mass",
+        "n_steps", "n_preemptions", "recompute_left", "kv_tokens", "last_step", "aborted",
+    )
+
+    def __init__(self, rid: str, n_devices: int) -> None:
+        self.rid = rid
+        self.energy_j = [0.0, 0.0]  # from closed windows, per phase, summed over devices
+        self.mass = [0.0, 0.0]  # all recorded work, per phase
+        self.mass_sq = 0.0  # sum over its steps of m_rs^2
+        self.mass_x_step = 0.0  # sum over its steps of m_rs * M_s
+        self.busy_s = 0.0  # duration of the steps it had work in
+        self.snap_mass = [[0.0, 0.0] for _ in range(n_devices)]  # mass at d's last close
+        self.snap_sq = [0.0] * n_devices
+        self.snap_x = [0.0] * n_devices
+        self.snap_busy_s = [0.0] * n_devices
+        self.var_j2 = [0.0] * n_devices  # squared error terms from closed windows of d
+        self.win_prev = [-1] * n_devices  # number of d's latest closed window it had work in
+        self.q_prev = [0.0] * n_devices  # its fraction of that window's energy
+        self.lost_j = [0.0, 0.0]  # estimate for work no closed window will cover, per phase
+        self.lost_mass = 0.0
+        self.n_steps = 0
+        self.n_preemptions = 0
+        self.recompute_left = 0  # tokens still to recompute after a preemption
+        self.kv_tokens = 0  # tokens in its KV cache after its latest step
+        self.last_step = -1  # number of its latest recorded step
+        self.aborted = False
+
+
+class EnergyAttributor:
+    """Per-request ledger of measured energy (see the module docstring for the rules).
+
+    Args:
+        reader: an energy reader; read once here (baseline) and once per on_step/poll.
+        clock: the time source; ``start_s``/``end_s`` given to on_step must come from it.
+        max_open_window_s: a counter that does not change for this long while being read is
+            declared stalled (the reader is marked failed).
+        idle_power_w: known idle power per watched device (a float: the same for each), watts;
+            ``None`` learns an upper bound from the counters.
+        step_split: ``"duration"`` or ``"weight"``: how a window's busy energy is split among
+            its steps (module docstring).
+        on_final: called once per finished request with its final value (from on_step, poll
+            or on_finished); must be cheap and must not raise.
+        max_consecutive_errors: transient read errors in a row before the reader is failed.
+    """
+
+    def __init__(
+        self,
+        reader: EnergyReader,
+        clock: Callable[[], float] = time.monotonic,
+        max_open_window_s: float = 2.0,
+        *,
+        idle_power_w: float | Sequence[float] | None = None,
+        step_split: Literal["duration", "weight"] = "duration",
+        on_final: Callable[[MeasuredEnergy], None] | None = None,
+        max_consecutive_errors: int = 3,
+    ) -> None:
+        if not max_open_window_s > 0:
+            raise ValueError(f"max_open_window_s must be > 0, got {max_open_window_s}")
+        if max_consecutive_errors < 1:
+            raise ValueError(f"max_consecutive_errors must be >= 1, got {max_consecutive_errors}")
+        if step_split not in ("duration", "weight"):
+            raise ValueError(f"step_split must be 'duration' or 'weight', got {step_split!r}")
+        self._reader = reader
+        self._clock = clock
+        self._max_open_s = float(max_open_window_s)
+        self._max_errors = int(max_consecutive_errors)
+        self._split_by_weight = step_split == "weight"
+        self._on_final = on_final
+        self._update_period_s = max(0.0, float(getattr(reader, "update_period_s", 0.0)))
+        self._reader_source = str(reader.source)
+
+        self._reqs: dict[str, _Req] = {}  # requests that had work and are not finished
+        self._pending: dict[str, _Req] = {}  # finished, waiting for their windows to close
+        self._finalized: list[MeasuredEnergy] = []
+        # Cumulative sums over recorded steps (with work and time).
+        self._n_steps = 0
+        self._cum_busy_s = 0.0
+        self._cum_mass = 0.0
+        self._cum_mass_sq = 0.0
+        self._total_j = 0.0
+        self._idle_j = 0.0
+        self._attributed_j = 0.0
+        self.read_errors = 0
+        self._consecutive_errors = 0
+        self.failure_reason: str | None = None
+        self._failed = False
+        self._lost_k = _NAN  # after a failure: sum over devices of the latest k_d
+
+        t = float(clock())
+        self._boundary_t = t  # latest on_step/poll time: clips the next step's start
+        self._last_ok_read_t = t
+        n = len(reader.device_names())
+        self._n_devices = n
+        self._v_mj = [0] * n
+        self._open_t = [t] * n
+        self._open_delta_s = [self._update_period_s] * n  # baseline: update up to a period ago
+        self._eps_open_j = [_NAN] * n  # boundary energy scale at the open window's start
+        self._win_no = [0] * n  # closed windows so far
+        self._k = [_NAN] * n  # energy per unit mass of the latest closed window with work
+        # Snapshots of the cumulative sums at each device's last close.
+        self._snap_steps = [0] * n
+        self._snap_busy_s = [0.0] * n
+        self._snap_mass = [0.0] * n
+        self._snap_mass_sq = [0.0] * n
+        self._window_avg_w: list[deque[tuple[float, bool]]] = [
+            deque(maxlen=_IDLE_HISTORY) for _ in range(n)
+        ]
+        if idle_power_w is None:
+            self._idle_fixed_w: list[float | None] = [None] * n
+        elif isinstance(idle_power_w, (int, float)):
+            self._idle_fixed_w = [float(idle_power_w)] * n
+        else:
+            if len(idle_power_w) != n:
+                raise ValueError(f"idle_power_w has {len(idle_power_w)} entries for {n} devices")
+            self._idle_fixed_w = [float(p) for p in idle_power_w]
+        if n == 0:
+            self._failed = True
+            self.failure_reason = f"no energy counters (reader source {reader.source!r})"
+            return
+        try:
+            values = reader.energy_mj()
+        except EnergyReaderError as e:
+            self._fail(f"baseline read failed: {type(e).__name__}: {e}")
+            return
+        if len(values) != n:
+            self._fail(f"reader returned {len(values)} counters for {n} devices")
+            return
+        self._v_mj = list(values)
+
+    # ---------------------------------------------------------------- public properties
+    @property
+    def source(self) -> str:
+        """The reader's source, or ``"unavailable"`` once it failed / had no counters."""
+        return "unavailable" if self._failed else self._reader_source
+
+    @property
+    def n_devices(self) -> int:
+        return self._n_devices
+
+    @property
+    def total_energy_j(self) -> float:
+        """Counters' total change since the baseline read (closed windows), joules."""
+        return self._total_j
+
+    @property
+    def idle_energy_j(self) -> float:
+        """Closed-window energy given to no request, joules."""
+        return self._idle_j
+
+    @property
+    def attributed_energy_j(self) -> float:
+        """Closed-window energy given to requests (finished or not), joules."""
+        return self._attributed_j
+
+    # ---------------------------------------------------------------- engine hooks
+    def on_step(self, start_s: float, end_s: float, work: Sequence[ScheduledWork]) -> None:
+        """Record one finished engine step and read the counters once.
+
+        Never raises for reader problems. Empty ``work`` counts as idle time.
+        """
+        t = float(self._clock())
+        t0 = start_s if start_s > self._boundary_t else self._boundary_t
+        t1 = end_s if end_s < t else t
+        dur = t1 - t0 if t1 > t0 else 0.0
+        self._boundary_t = t
+        if work and dur > 0.0:  # a step with no time on the device gets no energy
+            wsum = 0.0
+            for w in work:
+                wsum += w.weight
+            if self._split_by_weight:
+                scale, step_m = 1.0, wsum
+            else:
+                scale, step_m = dur / wsum, dur
+            reqs = self._reqs
+            n_dev = self._n_devices
+            step_no = self._n_steps
+            failed = self._failed
+            lost_k = self._lost_k
+            for w in work:
+                req = reqs.get(w.request_id)
+                if req is None:
+                    req = reqs[w.request_id] = _Req(w.request_id, n_dev)
+                ph = _PREFILL if w.phase == "prefill" else _DECODE
+                if req.recompute_left > 0:
+                    ph = _PREFILL
+                    req.recompute_left -= w.n_tokens
+                req.kv_tokens = w.context_len + w.n_tokens
+                m = w.weight * scale
+                req.n_steps += 1
+                if failed:
+                    req.lost_j[ph] += lost_k * m
+                    req.lost_mass += m
+                else:
+                    req.mass[ph] += m
+                    req.mass_sq += m * m
+                    req.mass_x_step += m * step_m
+                    req.busy_s += dur
+                    req.last_step = step_no
+            if not failed:
+                self._n_steps = step_no + 1
+                self._cum_busy_s += dur
+                self._cum_mass += step_m
+                self._cum_mass_sq += step_m * step_m
+        elif work:
+            self._count_steps_only(work)
+        if not self._failed:
+            self._read(t)
+
+    def _count_steps_only(self, work: Sequence[ScheduledWork]) -> None:
+        for w in work:
+            req = self._reqs.get(w.request_id)
+            if req is None:
+                req = self._reqs[w.request_id] = _Req(w.request_id, self._n_devices)
+            req.n_steps += 1
+            req.kv_tokens = w.context_len + w.n_tokens
+            if req.recompute_left > 0:
+                req.recompute_left -= w.n_tokens
+
+    def poll(self) -> None:
+        """Read the counters with no work. Call it while the engine idles (e.g. before the first
+        step after an idle spell): it closes windows sooner and teaches the idle floor."""
+        t = float(self._clock())
+        self._boundary_t = t
+        if not self._failed:
+            self._read(t)
+
+    def on_preempted(self, request_id: str) -> None:
+        """The request lost its KV cache: its next ``kv_tokens`` tokens of work are recompute,
+        charged as prefill whatever phase they are labelled with."""
+        req = self._reqs.get(request_id)
+        if req is None:
+            return  # never ran: nothing to recompute
+        req.n_preemptions += 1
+        req.recompute_left = req.kv_tokens
+        req.kv_tokens = 0
+
+    def on_finished(self, request_id: str, aborted: bool = False) -> MeasuredEnergy:
+        """The request left the engine (finished or aborted). Returns at once: the open-window
+        part is estimated (``final=False``); the final value comes via pop_finalized/on_final."""
+        req = self._reqs.pop(request_id, None)
+        if req is None:
+            req = _Req(request_id, self._n_devices)  # never scheduled: 0 J
+        req.aborted = aborted
+        if self._failed or req.last_step < self._min_snap_steps():
+            result = self._result(req, final=True)
+            self._deliver(result)
+            return result
+        self._pending[request_id] = req
+        return self._result(req, final=False)
+
+    def pop_finalized(self) -> list[MeasuredEnergy]:
+        """Final values of finished requests delivered since the last call (each once)."""
+        out, self._finalized = self._finalized, []
+        return out
+
+    # ---------------------------------------------------------------- internals
+    def _min_snap_steps(self) -> int:
+        """Steps numbered below this are in closed windows of every device."""
+        return min(self._snap_steps) if self._snap_steps else self._n_steps
+
+    def _read(self, t: float) -> None:
+        try:
+            values = self._reader.energy_mj()
+        except EnergyReaderError as e:
+            self.read_errors += 1
+            self._consecutive_errors += 1
+            if e.permanent or self._consecutive_errors >= self._max_errors:
+                self._fail(f"{type(e).__name__}: {e}")
+            elif self.read_errors == 1:
+                logger.warning("llmco2 energy: transient read error, read skipped: %s", e)
+            return
+        self._consecutive_errors = 0
+        if len(values) != self._n_devices:
+            self._fail(f"reader returned {len(values)} counters for {self._n_devices} devices")
+            return
+        period = self._update_period_s
+        # The update that changed a counter happened within the last read gap and within one
+        # update period; a reader with period 0 computes its value at the read (no lag).
+        gap = t - self._last_ok_read_t
+        delta_close = min(gap, period) if period > 0.0 else 0.0
+        closed = False
+        v_last = self._v_mj
+        for d in range(self._n_devices):
+            dv = values[d] - v_last[d]
+            if dv > 0:
+                self._close(d, t, dv * 1e-3, delta_close)
+                v_last[d] = values[d]
+                closed = True
+            elif dv < 0:
+                self._fail(f"device {d} counter went backwards ({v_last[d]} -> {values[d]} mJ)")
+                return
+            elif t - self._open_t[d] > self._max_open_s:
+                self._fail(
+                    f"device {d} counter did not change for {t - self._open_t[d]:.3f} s "
+                    f"(max_open_window_s={self._max_open_s})"
+                )
+                return
+        self._last_ok_read_t = t
+        if closed and self._pending:
+            min_snap = self._min_snap_steps()
+            done = [r for r in self._pending.values() if r.last_step < min_snap]
+            for req in done:
+                del self._pending[req.rid]
+                self._deliver(self._result(req, final=True))
+
+    def _idle_floor_w(self, d: int) -> tuple[float | None, bool]:
+        """(idle power estimate in W or None, whether it is known rather than an upper bound)."""
+        fixed = self._idle_fixed_w[d]
+        if fixed is not None:
+            return fixed, True
+        hist = self._window_avg_w[d]
+        if not hist:
+            return None, False
+        return min(hist)  # (lowest window average, whether that window was fully idle)
+
+    def _close(self, d: int, t: float, de_j: float, delta_close: float) -> None:
+        """Close device d's window at read time t with energy de_j."""
+        first_step = self._snap_steps[d]
+        n_win_steps = self._n_steps - first_step
+        busy_s = self._cum_busy_s - self._snap_busy_s[d]
+        mass = self._cum_mass - self._snap_mass[d]
+        mass_sq = self._cum_mass_sq - self._snap_mass_sq[d]
+        dur_win = t - self._open_t[d]
+        idle_s = dur_win - busy_s
+        if idle_s < 0.0:
+            idle_s = 0.0
+        p_avg_w = de_j / dur_win if dur_win > 0.0 else 0.0
+        eps_open = self._eps_open_j[d]
+        if eps_open != eps_open:  # NaN: baseline boundary, update up to one period before it
+            eps_open = self._open_delta_s[d] * p_avg_w
+        eps_close = delta_close * p_avg_w
+        win_no = self._win_no[d] + 1
+        self._win_no[d] = win_no
+        self._total_j += de_j
+        if n_win_steps <= 0 or busy_s <= 0.0 or mass <= 0.0:
+            self._idle_j += de_j
+            if dur_win > 0.0:
+                self._window_avg_w[d].append((p_avg_w, True))
+        else:
+            e_idle = 0.0
+            f_split = 0.0
+            if idle_s > 0.0:
+                uniform = de_j * idle_s / dur_win
+                p_idle, known = self._idle_floor_w(d)
+                if p_idle is None:
+                    e_idle, f_split = uniform, 1.0
+                else:
+                    e_idle = min(p_idle * idle_s, uniform)
+                    f_split = _KNOWN_IDLE_REL_ERROR if known else 1.0
+            e_busy = de_j - e_idle
+            k = e_busy / mass
+            split_rel = f_split * e_idle / e_busy if e_busy > 0.0 else 0.0
+            inv_mass = 1.0 / mass
+            inv_de = 1.0 / de_j
+            prev_no = win_no - 1
+            g_k = _STEP_POWER_REL_SPREAD * k
+            period = self._update_period_s
+            # Below one update period the counter cannot resolve when energy was drawn.
+            resolution_s = min(period, dur_win) if period > 0.0 else 0.0
+            for reqs in (self._reqs, self._pending):
+                for req in reqs.values():
+                    if req.last_step < first_step:
+                        continue  # no work in this window
+                    mass_ph = req.mass
+                    snap = req.snap_mass[d]
+                    m_p = mass_ph[0] - snap[0]
+                    m_d = mass_ph[1] - snap[1]
+                    snap[0] = mass_ph[0]
+                    snap[1] = mass_ph[1]
+                    req.energy_j[0] += k * m_p
+                    req.energy_j[1] += k * m_d
+                    m_rw = m_p + m_d
+                    e_rw = k * m_rw
+                    # sum over the window's steps of (m_rs - F M_s)^2, F = m_rw / mass
+                    f_share = m_rw * inv_mass
+                    sq = req.mass_sq - req.snap_sq[d]
+                    x_step = req.mass_x_step - req.snap_x[d]
+                    req.snap_sq[d] = req.mass_sq
+                    req.snap_x[d] = req.mass_x_step
+                    dev_sq = sq - 2.0 * f_share * x_step + f_share * f_share * mass_sq
+                    spread_j = g_k * math.sqrt(n_win_steps * dev_sq) if dev_sq > 0.0 else 0.0
+                    if resolution_s > 0.0:
+                        uncovered = 1.0 - (req.busy_s - req.snap_busy_s[d]) / resolution_s
+                        if uncovered * e_rw > spread_j:
+                            spread_j = uncovered * e_rw
+                    req.snap_busy_s[d] = req.busy_s
+                    q = e_rw * inv_de
+                    v = req.var_j2[d]
+                    if req.win_prev[d] == prev_no:  # replace the provisional closing term
+                        qp = req.q_prev[d]
+                        v += (eps_open * (qp - q)) ** 2 - (eps_open * qp) ** 2
+                    else:
+                        v += (eps_open * q) ** 2
+                    v += (eps_close * q) ** 2  # provisional: as if absent from the next window
+                    x = e_rw * split_rel + spread_j
+                    v += x * x
+                    req.var_j2[d] = v if v > 0.0 else 0.0
+                    req.win_prev[d] = win_no
+                    req.q_prev[d] = q
+            self._idle_j += e_idle
+            self._attributed_j += e_busy
+            self._k[d] = k
+            self._window_avg_w[d].append((p_avg_w, False))
+        self._open_t[d] = t
+        self._open_delta_s[d] = delta_close
+        self._eps_open_j[d] = eps_close
+        self._snap_steps[d] = self._n_steps
+        self._snap_busy_s[d] = self._cum_busy_s
+        self._snap_mass[d] = self._cum_mass
+        self._snap_mass_sq[d] = self._cum_mass_sq
+
+    def _fail(self, reason: str) -> None:
+        """Stop reading; turn the work in every open window into lost (estimated) energy."""
+        if self._failed:
+            return
+        self._failed = True
+        self.failure_reason = reason
+        logger.warning(
+            "llmco2 energy: %s reader failed (%s); later requests are estimated or unavailable",
+            self._reader_source, reason,
+        )
+        ks = list(self._k)
+        known = [k for k in ks if k == k]  # k == k: not NaN
+        if known:  # a device that never closed a window with work: use the others' mean
+            mean_k = sum(known) / len(known)
+            ks = [k if k == k else mean_k for k in ks]
+        for reqs in (self._reqs, self._pending):
+            for req in reqs.values():
+                for d, k in enumerate(ks):
+                    snap = req.snap_mass[d]
+                    for ph in (_PREFILL, _DECODE):
+                        m = req.mass[ph] - snap[ph]
+                        if m > 0.0:
+                            req.lost_j[ph] += k * m
+                            req.lost_mass += m
+                            snap[ph] = req.mass[ph]
+        self._lost_k = sum(ks) if ks else _NAN
+        pending, self._pending = self._pending, {}
+        for req in pending.values():
+            self._deliver(self._result(req, final=True))
+
+    def _deliver(self, result: MeasuredEnergy) -> None:
+        self._finalized.append(result)
+        if self._on_final is not None:
+            self._on_final(result)
+
+    def _result(self, req: _Req, final: bool) -> MeasuredEnergy:
+        n = self._n_devices
+        if n == 0:
+            return self._unavailable(req, final)
+        if req.lost_mass > 0.0:
+            if req.energy_j[0] == 0.0 and req.energy_j[1] == 0.0:
+                return self._unavailable(req, final)
+            source = f"{self._reader_source}-partial"
+        else:
+            source = self._reader_source
+        est_p, est_d = req.lost_j
+        if not final:
+            for d in range(n):
+                snap = req.snap_mass[d]
+                open_p = req.mass[0] - snap[0]
+                open_d = req.mass[1] - snap[1]
+                if open_p > 0.0:
+                    est_p += self._k[d] * open_p
+                if open_d > 0.0:
+                    est_d += self._k[d] * open_d
+        prefill = req.energy_j[0] + est_p
+        decode = req.energy_j[1] + est_d
+        estimated = est_p + est_d
+        return MeasuredEnergy(
+            request_id=req.rid,
+            prefill_energy_j=prefill,
+            decode_energy_j=decode,
+            energy_j=prefill + decode,
+            uncertainty_j=sum(math.sqrt(v) for v in req.var_j2) + estimated,
+            estimated_energy_j=estimated,
+            source=source,
+            n_steps=req.n_steps,
+            n_preemptions=req.n_preemptions,
+            aborted=req.aborted,
+            final=final,
+        )
+
+    def _unavailable(self, req: _Req, final: bool) -> MeasuredEnergy:
+        return MeasuredEnergy(
+            request_id=req.rid,
+            prefill_energy_j=_NAN,
+            decode_energy_j=_NAN,
+            energy_j=_NAN,
+            uncertainty_j=_NAN,
+            estimated_energy_j=_NAN,
+            source="unavailable",
+            n_steps=req.n_steps,
+            n_preemptions=req.n_preemptions,
+            aborted=req.aborted,
+            final=final,
+        )
