@@ -116,7 +116,7 @@ class Predictor:
 
     def __post_init__(self):
         from .predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES, Standardizer
-        from .predictors.gnn import NumpyGNN, mean_adjacency
+        from .predictors.gnn_numpy import NumpyGNN, mean_adjacency
 
         meta = self.weights.metadata
         if list(meta.get("node_features", [])) != list(NODE_FEATURE_NAMES) or \

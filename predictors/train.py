@@ -207,3 +207,11 @@ def _sha256_of_records(records) -> str:
     for r in records:
         h.update(json.dumps(r.to_json(), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def trained_from_embedded(weights) -> TrainedGNN:
+    """A :class:`TrainedGNN` view of packaged weights (``llmco2_serve.predictor.load_weights``)."""
+    arrays = {k: v for k, v in weights.arrays.items() if not k.startswith("std_")}
+    cfg = TrainConfig(**{k: v for k, v in weights.metadata.get("train_config", {}).items()
+                         if k in TrainConfig.__dataclass_fields__})
+    return TrainedGNN(arrays, Standardizer.from_arrays(weights.arrays), cfg)

