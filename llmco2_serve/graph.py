@@ -180,7 +180,7 @@ def _node_cost(node: KernelNode, arch: ModelArch, prec: Precision, tp: int, seg:
     if k in ("matmul_qk", "matmul_sv"):
         ops = K.attention_matmul_ops(1, bpairs, arch.head_dim, arch.num_heads, tp)
         fn = K.matmul_qk_memory_bytes if k == "matmul_qk" else K.matmul_sv_memory_bytes
-        mem = fn(1, bt, bpairs, arch.head_dim, arch.num_heads, arch.num_kv_heads, Da, Dkv, tp)
+        mem = fn(1, bt, bpairs, bkv, arch.head_dim, arch.num_heads, arch.num_kv_heads, Da, Dkv, tp)
         return ops, mem, zero
     if k == "softmax":
         return (K.softmax_ops(1, bpairs, arch.num_heads, tp),
@@ -301,7 +301,10 @@ class LayerTemplate:
             # Matmul-softmax-matmul computes the whole (masked) score square during prefill.
             pairs = np.where(seg.passes == 1, seg.tokens * (seg.context_before + seg.tokens), pairs)
         tokens_per_pass = np.where(seg.passes > 0, seg.tokens / np.maximum(seg.passes, 1.0), 0.0)
-        tile = np.clip(tokens_per_pass, 1.0, FLASH_QUERY_TILE)
+        if self.attention == "fused":
+            tile = np.clip(tokens_per_pass, 1.0, FLASH_QUERY_TILE)
+        else:  # one GEMM per pass reads each cached row once
+            tile = np.maximum(tokens_per_pass, 1.0)
         if arch.is_moe:
             routed = seg.batch * tokens_per_pass
             xpasses = seg.passes * K.expected_unique_experts(arch.moe_num_experts, arch.moe_experts_per_token, routed)
@@ -385,7 +388,11 @@ def build_layer_template(arch: ModelArch, precision: Precision, gpu, parallelism
     """The cached static graph for one layer on ``gpu`` (a :class:`~llmco2_serve.hardware.GPUSpec`)."""
     parallelism = parallelism or Parallelism()
     tp = parallelism.tensor_parallel
-    peak = float(gpu.peak_flops_per_s(precision.compute_dtype))
+    compute = precision.compute_dtype
+    if not gpu.supports(compute):
+        # e.g. fp8 checkpoints on Ampere run weight-only (dequantised into the activation dtype)
+        compute = precision.activation_dtype
+    peak = float(gpu.peak_flops_per_s(compute))
     bw = float(gpu.memory_bandwidth_bytes_per_s())
     net = float(gpu.network_bandwidth_bytes_per_s()) if tp > 1 else float(gpu.network_bandwidth_bytes_per_s() or 1.0)
     return _build_template_cached(arch, precision, parallelism, attention, peak, bw, net)

@@ -152,19 +152,24 @@ def kv_cache_read_bytes(batch, pairs, head_dim, num_kv_heads, kv_bytes, n_gpu):
     return batch * head_dim * num_kv_heads * kv_bytes * pairs / n_gpu
 
 
-def matmul_qk_memory_bytes(batch, tokens, pairs, head_dim, num_heads, num_kv_heads, act_bytes, kv_bytes, n_gpu):
-    """Eq. 25 (decode) / Eq. 36 (prefill): Q in, K from the cache, scores out (Table 7 swaps 25/36, D6)."""
+def matmul_qk_memory_bytes(batch, tokens, pairs, kv_rows, head_dim, num_heads, num_kv_heads, act_bytes, kv_bytes,
+                           n_gpu):
+    """Eq. 25 (decode) / Eq. 36 (prefill): Q in, K from the cache, scores out (Table 7 swaps 25/36, D6).
+
+    ``kv_rows`` cached rows read: the decode context sum (Eq. 24), or L_seq once per prefill (Eq. 35).
+    """
     q = batch * tokens * head_dim * num_heads * act_bytes / n_gpu
-    return q + kv_cache_read_bytes(batch, pairs, head_dim, num_kv_heads, kv_bytes, n_gpu) + score_matrix_bytes(
+    return q + kv_cache_read_bytes(batch, kv_rows, head_dim, num_kv_heads, kv_bytes, n_gpu) + score_matrix_bytes(
         batch, pairs, num_heads, act_bytes, n_gpu
     )
 
 
-def matmul_sv_memory_bytes(batch, tokens, pairs, head_dim, num_heads, num_kv_heads, act_bytes, kv_bytes, n_gpu):
+def matmul_sv_memory_bytes(batch, tokens, pairs, kv_rows, head_dim, num_heads, num_kv_heads, act_bytes, kv_bytes,
+                           n_gpu):
     """Eq. 25 / Eq. 36 for S V: scores in, V from the cache, output out."""
     out = batch * tokens * head_dim * num_heads * act_bytes / n_gpu
     return score_matrix_bytes(batch, pairs, num_heads, act_bytes, n_gpu) + kv_cache_read_bytes(
-        batch, pairs, head_dim, num_kv_heads, kv_bytes, n_gpu
+        batch, kv_rows, head_dim, num_kv_heads, kv_bytes, n_gpu
     ) + out
 
 
