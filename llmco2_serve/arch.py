@@ -173,8 +173,7 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
     num_heads = _int_field(cfg, "num_attention_heads", "n_head", "num_heads")
     num_kv_heads = _int_field(cfg, "num_key_value_heads", "multi_query_group_num", required=False)
     if num_kv_heads is None:
-        if model_type == "bloom" or "num_key_value_heads" not in cfg:
-            num_kv_heads = num_heads  # MHA: the family (or a config without the field) has no GQA
+        num_kv_heads = num_heads  # MHA: absent or null means one KV head per query head (as HF reads it)
     if num_heads % num_kv_heads:
         raise ArchitectureError(
             f"config field 'num_key_value_heads' ({num_kv_heads}) must divide "

@@ -8,7 +8,8 @@ Cost model. Every node's O, M and I are linear in five segment quantities (see `
 
     bt      = batch * tokens              (token rows processed)
     bpairs  = batch * attention pairs     (causal query-key pairs)
-    bkv     = batch * pairs / query_tile  (KV-cache rows read by fused attention)
+    bkv     = batch * KV-cache rows read (decode: the context of every step; prefill: once per
+              pass for unfused attention, once per query tile for flash attention)
     passes  = forward passes              (each re-reads the weights)
     xpasses = passes * expected unique experts loaded per pass (MoE only)
 
@@ -205,6 +206,20 @@ def _node_cost(node: KernelNode, arch: ModelArch, prec: Precision, tp: int, seg:
     raise AssertionError(f"no cost model for kernel kind {k!r}")
 
 
+def _flash_kv_rows(context_before, tokens, window=None, window_fraction=0.0):
+    """Cached rows a causal flash prefill pass reads: each tile of FLASH_QUERY_TILE queries reads the
+    keys up to its last query (within the window, if any), once."""
+    q = float(FLASH_QUERY_TILE)
+    c = np.asarray(context_before, np.float64)
+    t = np.asarray(tokens, np.float64)
+    n = np.ceil(t / q)
+    full = (n - 1) * c + q * (n - 1) * n / 2 + (c + t)  # sum over tiles of the last key each tile sees
+    if window is None:
+        return full
+    windowed = np.minimum(full, n * (float(window) + q))
+    return (1 - window_fraction) * full + window_fraction * windowed
+
+
 @dataclass(frozen=True)
 class Segment:
     """A stretch of a request: ``tokens`` new tokens per sequence over ``passes`` forward passes."""
@@ -297,20 +312,22 @@ class LayerTemplate:
             pairs = (1 - f) * pairs_full + f * K.attention_pairs(seg.context_before, seg.tokens, arch.sliding_window)
         else:
             pairs = pairs_full
-        if self.attention == "unfused":
-            # Matmul-softmax-matmul computes the whole (masked) score square during prefill.
-            pairs = np.where(seg.passes == 1, seg.tokens * (seg.context_before + seg.tokens), pairs)
         tokens_per_pass = np.where(seg.passes > 0, seg.tokens / np.maximum(seg.passes, 1.0), 0.0)
-        if self.attention == "fused":
-            tile = np.clip(tokens_per_pass, 1.0, FLASH_QUERY_TILE)
-        else:  # one GEMM per pass reads each cached row once
-            tile = np.maximum(tokens_per_pass, 1.0)
+        multi_query = tokens_per_pass > 1  # a prefill (chunk); decode passes have one query each
+        if self.attention == "unfused":
+            # Matmul-softmax-matmul computes the whole (masked) score rectangle of a prefill pass and
+            # reads each cached row once per pass.
+            pairs = np.where(multi_query, seg.tokens * (seg.context_before + seg.tokens), pairs)
+            kv_rows = np.where(multi_query, seg.context_before + seg.tokens, pairs)
+        else:
+            kv_rows = np.where(multi_query, _flash_kv_rows(seg.context_before, seg.tokens, arch.sliding_window,
+                                                           arch.sliding_window_layer_fraction), pairs)
         if arch.is_moe:
             routed = seg.batch * tokens_per_pass
             xpasses = seg.passes * K.expected_unique_experts(arch.moe_num_experts, arch.moe_experts_per_token, routed)
         else:
             xpasses = np.zeros_like(seg.passes)
-        return np.stack([seg.batch * seg.tokens, seg.batch * pairs, seg.batch * pairs / tile, seg.passes, xpasses],
+        return np.stack([seg.batch * seg.tokens, seg.batch * pairs, seg.batch * kv_rows, seg.passes, xpasses],
                         axis=-1)
 
     def costs(self, seg: Segment) -> PhaseCosts:
@@ -327,9 +344,9 @@ class LayerTemplate:
         a, p = self.arch, self.precision
         b = seg.batch
         ops = K.linear_ops(b, seg.passes, a.hidden_size, a.vocab_size, 1) + K.norm_ops(b, seg.passes, a.hidden_size, 1)
-        mem = (K.linear_memory_bytes(b, seg.passes, seg.passes, a.hidden_size, a.vocab_size, p.weight_bytes,
+        mem = (K.linear_memory_bytes(b, seg.passes, seg.passes, a.hidden_size, a.vocab_size, p.activation_bytes,
                                      p.activation_bytes, p.activation_bytes, 1)
-               + b * seg.tokens * a.hidden_size * p.weight_bytes)  # embedding rows gathered
+               + b * seg.tokens * a.hidden_size * p.activation_bytes)  # embedding rows gathered (never quantized)
         t_compute = ops / self.peak_ops_per_s
         t_mem = mem / (self.memory_bandwidth_bytes_per_s * self.parallelism.tensor_parallel)
         matmul = K.linear_ops(b, seg.passes, a.hidden_size, a.vocab_size, 1)
@@ -354,8 +371,15 @@ class LayerTemplate:
         return WorkloadTotals(**out)
 
     def weight_bytes(self) -> float:
-        """Bytes of all weights (what loading the model puts on the GPUs)."""
-        return self.arch.param_count() * self.precision.weight_bytes
+        """Bytes of all weights (what loading the model puts on the GPUs).
+
+        Quantized checkpoints (AWQ, GPTQ, fp8) quantize the decoder's linear layers only; embeddings,
+        the LM head, norms and biases stay in the activation dtype.
+        """
+        a, p = self.arch, self.precision
+        linear = a.num_layers * sum(n.d_in * n.d_out * (a.moe_num_experts if n.kind.startswith("expert_") else 1)
+                                    for n in self.nodes if n.weight_params and n.kind not in ("norm", "qk_norm"))
+        return linear * p.weight_bytes + (a.param_count() - linear) * p.activation_bytes
 
 
 @functools.lru_cache(maxsize=256)

@@ -100,6 +100,18 @@ def quantization_dtype(quant: Mapping[str, Any]) -> str:
     """Map an HF ``quantization_config`` (or vLLM's quantization name) to our dtype names."""
     method = str(quant.get("quant_method", "")).lower()
     bits = quant.get("bits") or quant.get("w_bit") or quant.get("weight_bits")
+    if method == "bitsandbytes":
+        if quant.get("load_in_8bit"):
+            return "int8"
+        if quant.get("load_in_4bit"):
+            return "int4"
+    if method == "compressed-tensors" and not bits:
+        groups = quant.get("config_groups") or {}
+        for group in groups.values() if isinstance(groups, Mapping) else ():
+            weights = (group or {}).get("weights") or {}
+            if weights.get("type") == "float" and weights.get("num_bits") == 8:
+                return "fp8"
+            bits = bits or weights.get("num_bits")
     if method in ("fp8", "fbgemm_fp8", "compressed-tensors") and not bits:
         return "fp8"
     if bits in (4, "4"):

@@ -1,0 +1,402 @@
+"""ModelArch from Hugging Face config.json: every family, published parameter counts, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from llmco2_serve.arch import ArchitectureError, ModelArch, load_hf_config
+from llmco2_serve.tinymodel import FAMILIES, tiny_config
+
+# Key fields of the published config.json files (no hub access in CI), with the checkpoints'
+# published parameter counts (model.num_parameters() of the full model, tied weights once).
+CONFIGS: dict[str, tuple[dict, int]] = {
+    "Llama-2-7b": ({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32000, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float16",
+    }, 6_738_415_616),
+    "Llama-2-70b": ({
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float16",
+    }, 68_976_648_192),
+    "Meta-Llama-3-8B": ({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "hidden_act": "silu",
+        "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+        "attention_bias": False, "torch_dtype": "bfloat16",
+    }, 8_030_261_248),
+    "Llama-3.1-8B": ({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }, 8_030_261_248),
+    "Llama-3.2-1B": ({
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    }, 1_235_814_400),
+    "Llama-3.2-3B": ({
+        "model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+        "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+        "hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    }, 3_212_749_824),
+    "Mistral-7B-v0.1": ({
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "hidden_act": "silu",
+        "sliding_window": 4096, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }, 7_241_732_096),
+    "Mixtral-8x7B-v0.1": ({
+        "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "hidden_act": "silu",
+        "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None,
+        "router_aux_loss_coef": 0.02, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }, 46_702_792_704),
+    "Qwen2-7B": ({
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "hidden_act": "silu",
+        "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 28,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }, 7_615_616_512),
+    "Qwen2-0.5B": ({
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "hidden_act": "silu",
+        "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 24,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    }, 494_032_768),
+    "Qwen1.5-MoE-A2.7B": ({
+        "model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936, "hidden_act": "silu",
+        "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1, "norm_topk_prob": False,
+        "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }, 14_315_784_192),
+    "Qwen3-8B": ({
+        "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "hidden_act": "silu", "attention_bias": False, "sliding_window": None, "use_sliding_window": False,
+        "max_window_layers": 36, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }, 8_190_735_360),
+    "Qwen3-0.6B": ({
+        "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "hidden_act": "silu", "sliding_window": None, "use_sliding_window": False,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    }, 596_049_920),
+    "Qwen3-30B-A3B": ({
+        "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+        "sliding_window": None, "use_sliding_window": False, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }, 30_532_122_624),
+    "gemma-2b": ({
+        "model_type": "gemma", "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18,
+        "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256000,
+        "hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh", "torch_dtype": "bfloat16",
+    }, 2_506_172_416),
+    "gemma-7b": ({
+        "model_type": "gemma", "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "vocab_size": 256000,
+        "hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh", "torch_dtype": "bfloat16",
+    }, 8_537_680_896),
+    "gemma-2-2b": ({
+        "model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "torch_dtype": "float32",
+    }, 2_614_341_888),
+    "gemma-2-9b": ({
+        "model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096, "torch_dtype": "float32",
+    }, 9_241_705_984),
+    "bloom-560m": ({
+        "model_type": "bloom", "hidden_size": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 250880,
+        "layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
+    }, 559_214_592),
+    "bloom-1b7": ({
+        "model_type": "bloom", "hidden_size": 2048, "n_layer": 24, "n_head": 16, "vocab_size": 250880,
+        "layer_norm_epsilon": 1e-5,
+    }, 1_722_408_960),
+    "Phi-3-mini-4k-instruct": ({
+        "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "hidden_act": "silu",
+        "sliding_window": 2047, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "attention_bias": False, "torch_dtype": "bfloat16",
+    }, 3_821_079_552),
+}
+
+
+def _arch(name: str, **changes) -> ModelArch:
+    cfg = dict(CONFIGS[name][0])
+    cfg.update(changes)
+    return ModelArch.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_param_count_matches_published_checkpoint(name):
+    cfg, published = CONFIGS[name]
+    arch = ModelArch.from_hf_config(cfg)
+    assert arch.known_family
+    assert arch.param_count() == published
+
+
+def test_llama31_8b_fields():
+    a = _arch("Llama-3.1-8B")
+    assert (a.model_type, a.hidden_size, a.intermediate_size, a.num_layers) == ("llama", 4096, 14336, 32)
+    assert (a.num_heads, a.num_kv_heads, a.head_dim, a.vocab_size) == (32, 8, 128, 128256)
+    assert (a.gated_mlp, a.norm_type, a.activation, a.attention_bias, a.mlp_bias) == (True, "rmsnorm", "silu", "none", False)
+    assert (a.qk_norm, a.norms_per_layer, a.embedding_norm, a.is_moe) == (False, 2, False, False)
+    assert a.sliding_window is None and a.sliding_window_layer_fraction == 0.0
+    assert a.tie_word_embeddings is False
+
+
+def test_gqa_and_mqa_sizes():
+    a = _arch("Llama-3.1-8B")  # GQA 32 query heads share 8 KV heads
+    assert (a.q_size, a.kv_size) == (4096, 1024)
+    m = _arch("gemma-2b")  # MQA: one KV head
+    assert (m.num_kv_heads, m.q_size, m.kv_size) == (1, 2048, 256)
+    g = _arch("gemma-7b")  # head_dim 256 x 16 heads = 4096 != hidden 3072
+    assert (g.head_dim, g.q_size, g.kv_size, g.hidden_size) == (256, 4096, 4096, 3072)
+    mha = _arch("Llama-2-7b")
+    assert mha.num_kv_heads == mha.num_heads == 32
+
+
+def test_config_without_kv_heads_is_multi_head():
+    cfg = dict(CONFIGS["Llama-2-7b"][0])
+    del cfg["num_key_value_heads"]  # Llama-1 style configs
+    assert ModelArch.from_hf_config(cfg).num_kv_heads == 32
+
+
+def test_null_kv_heads_is_multi_head():
+    assert _arch("Llama-2-7b", num_key_value_heads=None).num_kv_heads == 32
+
+
+def test_qwen2_has_qkv_bias_only():
+    a = _arch("Qwen2-7B")
+    assert (a.attention_bias, a.mlp_bias) == ("qkv", False)
+    # tied embeddings are counted once: Qwen2-0.5B's published count proves the tie is honoured
+    assert _arch("Qwen2-0.5B").tie_word_embeddings is True
+
+
+def test_mixtral_moe_fields():
+    a = _arch("Mixtral-8x7B-v0.1")
+    assert a.is_moe
+    assert (a.moe_num_experts, a.moe_experts_per_token, a.moe_intermediate_size) == (8, 2, 14336)
+    assert a.moe_shared_intermediate_size == 0
+
+
+def test_qwen2_moe_fields():
+    a = _arch("Qwen1.5-MoE-A2.7B")
+    assert (a.moe_num_experts, a.moe_experts_per_token, a.moe_intermediate_size) == (60, 4, 1408)
+    assert a.moe_shared_intermediate_size == 5632
+    assert a.attention_bias == "qkv"
+
+
+def test_qwen3_has_qk_norm():
+    assert _arch("Qwen3-8B").qk_norm is True
+    assert _arch("Qwen3-30B-A3B").qk_norm is True
+    assert _arch("Qwen2-7B").qk_norm is False
+
+
+def test_gemma_families():
+    g = _arch("gemma-7b")
+    assert (g.activation, g.tie_word_embeddings, g.norms_per_layer) == ("gelu_pytorch_tanh", True, 2)
+    g2 = _arch("gemma-2-2b")
+    assert (g2.norms_per_layer, g2.tie_word_embeddings, g2.activation) == (4, True, "gelu_pytorch_tanh")
+
+
+def test_bloom_fields():
+    a = _arch("bloom-1b7")
+    assert (a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim) == (24, 16, 16, 128)
+    assert (a.intermediate_size, a.gated_mlp, a.norm_type, a.activation) == (8192, False, "layernorm", "gelu")
+    assert (a.attention_bias, a.mlp_bias, a.embedding_norm, a.tie_word_embeddings) == ("all", True, True, True)
+
+
+def test_phi3_fields():
+    a = _arch("Phi-3-mini-4k-instruct")
+    assert (a.num_kv_heads, a.head_dim, a.gated_mlp, a.tie_word_embeddings) == (32, 96, True, False)
+
+
+# --- sliding window --------------------------------------------------------------------------
+
+
+def test_mistral_window_applies_to_every_layer():
+    a = _arch("Mistral-7B-v0.1")
+    assert (a.sliding_window, a.sliding_window_layer_fraction) == (4096, 1.0)
+    # Mistral v0.2+ ships "sliding_window": null
+    assert _arch("Mistral-7B-v0.1", sliding_window=None).sliding_window is None
+
+
+def test_qwen_window_disabled_unless_use_sliding_window():
+    for name in ("Qwen2-7B", "Qwen1.5-MoE-A2.7B", "Qwen2-0.5B"):
+        a = _arch(name)
+        assert a.sliding_window is None and a.sliding_window_layer_fraction == 0.0
+    on = _arch("Qwen2-7B", use_sliding_window=True, max_window_layers=0)
+    assert (on.sliding_window, on.sliding_window_layer_fraction) == (131072, 1.0)
+
+
+def test_gemma2_half_the_layers_slide():
+    a = _arch("gemma-2-2b")
+    assert (a.sliding_window, a.sliding_window_layer_fraction) == (4096, 0.5)
+
+
+def test_layer_types_give_the_fraction():
+    types = ["sliding_attention"] * 3 + ["full_attention"]
+    a = _arch("gemma-2-2b", num_hidden_layers=4, layer_types=types)
+    assert a.sliding_window_layer_fraction == 0.75
+    full = _arch("gemma-2-2b", num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    assert full.sliding_window is None and full.sliding_window_layer_fraction == 0.0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG arch._parse: Gemma2 without layer_types gets fraction 0.5, but HF alternates starting with a "
+    "sliding layer (layer i slides iff i is even), so an odd layer count has ceil(n/2)/n sliding layers "
+    "(3 layers: 2/3). Published Gemma2 sizes have even layer counts (26/42/46), so only odd custom configs "
+    "are affected; measured: unfused decode FLOPs of a 3-layer tiny gemma2 with window 8 off by 0.47%"))
+def test_gemma2_odd_layer_count_follows_hf_alternation():
+    a = _arch("gemma-2-2b", num_hidden_layers=3)
+    assert a.sliding_window_layer_fraction == pytest.approx(2 / 3)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG arch._parse: with use_sliding_window true Qwen2/Qwen3 slide only layers i >= max_window_layers "
+    "(HF Qwen2Config/Qwen3Config layer_types); arch ignores max_window_layers and slides every layer "
+    "(4 layers, max_window_layers 2: HF 0.5, arch 1.0). Only matters for configs that enable the window"))
+def test_qwen_sliding_window_respects_max_window_layers():
+    a = _arch("Qwen3-0.6B", num_hidden_layers=4, use_sliding_window=True, sliding_window=4096,
+              max_window_layers=2)
+    assert a.sliding_window_layer_fraction == 0.5
+
+
+# --- unknown families, missing and contradictory fields --------------------------------------
+
+
+def test_unknown_model_type_with_standard_fields_warns_and_parses(caplog):
+    cfg = dict(CONFIGS["Llama-3.1-8B"][0], model_type="my_llama_clone")
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+        a = ModelArch.from_hf_config(cfg)
+    assert any("my_llama_clone" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert a.known_family is False
+    assert (a.gated_mlp, a.norm_type) == (True, "rmsnorm")
+    assert a.param_count() == 8_030_261_248  # same layout as Llama-3.1-8B
+
+
+def test_known_family_does_not_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+        _arch("Llama-3.1-8B")
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                   "intermediate_size", "model_type"])
+def test_missing_required_field_is_named(field):
+    cfg = dict(CONFIGS["Llama-3.1-8B"][0])
+    del cfg[field]
+    with pytest.raises(ArchitectureError, match=field):
+        ModelArch.from_hf_config(cfg)
+
+
+def test_kv_heads_not_dividing_heads_names_the_field():
+    with pytest.raises(ArchitectureError, match="num_key_value_heads"):
+        _arch("Llama-3.1-8B", num_key_value_heads=5)
+
+
+def test_top_k_above_experts_names_the_field():
+    with pytest.raises(ArchitectureError, match="num_experts_per_tok"):
+        _arch("Mixtral-8x7B-v0.1", num_experts_per_tok=9)
+
+
+def test_moe_without_top_k_names_the_field():
+    cfg = dict(CONFIGS["Mixtral-8x7B-v0.1"][0])
+    del cfg["num_experts_per_tok"]
+    with pytest.raises(ArchitectureError, match="num_experts_per_tok"):
+        ModelArch.from_hf_config(cfg)
+
+
+def test_bloom_intermediate_not_4h_names_the_field():
+    with pytest.raises(ArchitectureError, match="intermediate_size"):
+        _arch("bloom-560m", intermediate_size=3000)
+    assert _arch("bloom-560m", intermediate_size=4096).intermediate_size == 4096  # 4h is accepted
+
+
+def test_hidden_not_divisible_by_heads_without_head_dim():
+    with pytest.raises(ArchitectureError, match="head_dim"):
+        _arch("Llama-2-7b", num_attention_heads=30, num_key_value_heads=30)
+
+
+def test_mixed_dense_and_moe_layers_rejected():
+    with pytest.raises(ArchitectureError, match="decoder_sparse_step"):
+        _arch("Qwen1.5-MoE-A2.7B", decoder_sparse_step=2)
+    with pytest.raises(ArchitectureError, match="mlp_only_layers"):
+        _arch("Qwen3-30B-A3B", mlp_only_layers=[0])
+
+
+@pytest.mark.parametrize("value", ["32", True, 31.5, 0, -2])
+def test_bad_integer_values_name_the_field(value):
+    with pytest.raises(ArchitectureError, match="num_hidden_layers"):
+        _arch("Llama-3.1-8B", num_hidden_layers=value)
+
+
+def test_integral_float_accepted():
+    assert _arch("Llama-3.1-8B", num_hidden_layers=32.0).num_layers == 32
+
+
+# --- loading and identity --------------------------------------------------------------------
+
+
+def test_load_from_folder_file_and_nested_text_config(tmp_path):
+    cfg = CONFIGS["Llama-3.2-1B"][0]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ModelArch.from_hf_config(tmp_path).param_count() == 1_235_814_400
+    assert ModelArch.from_hf_config(tmp_path / "config.json").param_count() == 1_235_814_400
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"model_type": "llava", "text_config": cfg}))
+    assert load_hf_config(wrapped) == cfg
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ArchitectureError, match="no model config"):
+        load_hf_config(tmp_path / "missing")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ArchitectureError, match="not valid JSON"):
+        load_hf_config(bad)
+    arr = tmp_path / "arr.json"
+    arr.write_text("[1, 2]")
+    with pytest.raises(ArchitectureError, match="JSON object"):
+        load_hf_config(arr)
+
+
+def test_arch_is_frozen_hashable_and_keyed():
+    a, b = _arch("Llama-3.1-8B"), _arch("Meta-Llama-3-8B")
+    assert a == b and hash(a) == hash(b) and a.cache_key() == b.cache_key()
+    assert a.cache_key() != _arch("Llama-3.2-1B").cache_key()
+    with pytest.raises(AttributeError):
+        a.hidden_size = 1  # type: ignore[misc]
+
+
+# --- tiny configs against the real HF models -------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_config_param_count_matches_hf(family):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_config(family)
+    hf_cfg = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert ModelArch.from_hf_config(cfg).param_count() == model.num_parameters()
