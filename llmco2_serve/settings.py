@@ -1,0 +1,243 @@
+"""One frozen :class:`Settings` for the plugin, from ``LLMCO2_*`` variables and/or one config file.
+
+Sources, later wins: defaults < the file named by ``LLMCO2_CONFIG`` (JSON, or TOML read with
+``tomllib``; keys are the variable names without the ``LLMCO2_`` prefix, lower case, e.g.
+``{"carbon_intensity_g_per_kwh": 300}``) < the environment. Validated once by
+:func:`load_settings`; every error names the variable (or file key) that caused it.
+
+========================================  =========================================================
+variable                                  meaning (default)
+========================================  =========================================================
+``LLMCO2_ENABLED``                        ``0`` switches the plugin off completely (1)
+``LLMCO2_FAIL_OPEN``                      ``0``: raise at start-up on misconfiguration (1: log, off)
+``LLMCO2_GPU``                            GPU used for predictions when NVML detects none (H100)
+``LLMCO2_GPU_SPEC_FILE``                  JSON spec of a GPU that is not in the table (none)
+``LLMCO2_CARBON_INTENSITY_G_PER_KWH``     grid carbon intensity, gCO2e/kWh (481, world 2023)
+``LLMCO2_PUE``                            data-centre PUE, >= 1 (1.2)
+``LLMCO2_LIFETIME_YEARS``                 hardware lifetime for embodied carbon, years (5)
+``LLMCO2_ENERGY_READER``                  auto | nvml | cpu-estimate | off (auto)
+``LLMCO2_RESPONSE_HEADERS``               add ``x-llmco2-predicted-*`` HTTP headers (1)
+``LLMCO2_PAIRS_PATH``                     JSONL of (prediction, NVML measurement) pairs for
+                                          retraining; empty disables (~/.cache/llmco2/pairs.jsonl)
+``LLMCO2_MAX_TOKENS_CAP``                 max_tokens above this are predicted at this value (131072)
+``LLMCO2_CONFIG``                         the config file (none)
+========================================  =========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .carbon import DEFAULT_INTENSITY_G_PER_KWH, DEFAULT_LIFETIME_YEARS, DEFAULT_PUE, CarbonSettings
+
+__all__ = ["Settings", "SettingsError", "load_settings", "ENERGY_READER_MODES", "PREFIX"]
+
+PREFIX = "LLMCO2_"
+ENERGY_READER_MODES = ("auto", "nvml", "cpu-estimate", "off")
+DEFAULT_PAIRS_PATH = os.path.join("~", ".cache", "llmco2", "pairs.jsonl")
+DEFAULT_MAX_TOKENS_CAP = 131072
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """A setting is invalid. ``variable`` names it (``LLMCO2_...`` or ``file:key``)."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated plugin settings (see the module docstring for the variables)."""
+
+    enabled: bool = True
+    fail_open: bool = True
+    gpu: str = "H100"
+    gpu_spec_file: str | None = None
+    intensity_g_per_kwh: float = DEFAULT_INTENSITY_G_PER_KWH
+    pue: float = DEFAULT_PUE
+    lifetime_years: float = DEFAULT_LIFETIME_YEARS
+    energy_reader: str = "auto"
+    response_headers: bool = True
+    pairs_path: str | None = DEFAULT_PAIRS_PATH
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    config_file: str | None = None
+
+    @property
+    def carbon(self) -> CarbonSettings:
+        return CarbonSettings(self.intensity_g_per_kwh, self.pue, self.lifetime_years)
+
+    @property
+    def energy_reader_mode(self) -> str:
+        """The mode name :func:`llmco2_serve.gpu_energy.open_energy_reader` takes."""
+        return "none" if self.energy_reader == "off" else self.energy_reader
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        if not self.enabled:
+            return "llmco2 disabled (LLMCO2_ENABLED=0)"
+        return (
+            f"carbon {self.intensity_g_per_kwh:g} gCO2e/kWh, PUE {self.pue:g}, lifetime {self.lifetime_years:g} y; "
+            f"fallback GPU {self.gpu_spec_file or self.gpu}; energy reader {self.energy_reader}; "
+            f"headers {'on' if self.response_headers else 'off'}; pairs {self.pairs_path or 'off'}; "
+            f"max_tokens cap {self.max_tokens_cap}; fail_open {self.fail_open}"
+            + (f"; config {self.config_file}" if self.config_file else "")
+        )
+
+
+# field name -> (variable suffix, parser)
+def _bool(var: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingsError(var, f"expected one of {_TRUE + _FALSE}, got {raw!r}")
+
+
+def _float(var: str, raw: Any, minimum: float, strict_min: bool = False) -> float:
+    try:
+        value = float(raw) if not isinstance(raw, bool) else math.nan
+    except (TypeError, ValueError):
+        raise SettingsError(var, f"expected a number, got {raw!r}") from None
+    if not math.isfinite(value) or value < minimum or (strict_min and value == minimum):
+        bound = ">" if strict_min else ">="
+        raise SettingsError(var, f"expected a finite number {bound} {minimum:g}, got {raw!r}")
+    return value
+
+
+def _int(var: str, raw: Any, minimum: int) -> int:
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, bool) else None
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise SettingsError(var, f"expected an integer >= {minimum}, got {raw!r}")
+    return value
+
+
+def _str(var: str, raw: Any) -> str:
+    text = str(raw).strip()
+    if not text:
+        raise SettingsError(var, "must not be empty")
+    return text
+
+
+def _optional_path(var: str, raw: Any) -> str | None:
+    text = str(raw).strip()
+    return text or None
+
+
+def _mode(var: str, raw: Any) -> str:
+    text = str(raw).strip().lower()
+    if text == "none":
+        text = "off"
+    if text not in ENERGY_READER_MODES:
+        raise SettingsError(var, f"expected one of {ENERGY_READER_MODES}, got {raw!r}")
+    return text
+
+
+_PARSERS = {
+    "enabled": ("ENABLED", _bool),
+    "fail_open": ("FAIL_OPEN", _bool),
+    "gpu": ("GPU", _str),
+    "gpu_spec_file": ("GPU_SPEC_FILE", _optional_path),
+    "intensity_g_per_kwh": ("CARBON_INTENSITY_G_PER_KWH", lambda v, r: _float(v, r, 0.0)),
+    "pue": ("PUE", lambda v, r: _float(v, r, 1.0)),
+    "lifetime_years": ("LIFETIME_YEARS", lambda v, r: _float(v, r, 0.0, strict_min=True)),
+    "energy_reader": ("ENERGY_READER", _mode),
+    "response_headers": ("RESPONSE_HEADERS", _bool),
+    "pairs_path": ("PAIRS_PATH", _optional_path),
+    "max_tokens_cap": ("MAX_TOKENS_CAP", lambda v, r: _int(v, r, 1)),
+}
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    var = PREFIX + "CONFIG"
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SettingsError(var, f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        if path.endswith(".toml"):
+            doc = tomllib.loads(data.decode("utf-8"))
+        elif path.endswith(".json"):
+            doc = json.loads(data)
+        else:
+            raise SettingsError(var, f"{path}: expected a .json or .toml file")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError(var, f"{path} is not valid: {e}") from e
+    if isinstance(doc, dict) and isinstance(doc.get("llmco2"), dict):  # [llmco2] table
+        doc = doc["llmco2"]
+    if not isinstance(doc, dict):
+        raise SettingsError(var, f"{path}: expected an object/table of settings")
+    known = {suffix.lower(): name for name, (suffix, _) in _PARSERS.items()}
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise SettingsError(var, f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return {known[k]: v for k, v in doc.items()}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate the settings from ``environ`` (default ``os.environ``).
+
+    Raises :class:`SettingsError` naming the variable. Unknown ``LLMCO2_*`` variables (typos)
+    do not raise (other llmco2 tools have their own); see :func:`unknown_variables`.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = env.get(PREFIX + "CONFIG", "").strip() or None
+    if config_file:
+        for field_name, raw in _read_config_file(config_file).items():
+            suffix, parse = _PARSERS[field_name]
+            values[field_name] = parse(f"{config_file}:{suffix.lower()}", raw)
+    for field_name, (suffix, parse) in _PARSERS.items():
+        var = PREFIX + suffix
+        if var in env:
+            values[field_name] = parse(var, env[var])
+    if values.get("pairs_path"):
+        values["pairs_path"] = os.path.expanduser(values["pairs_path"])
+    elif "pairs_path" not in values:
+        values["pairs_path"] = os.path.expanduser(DEFAULT_PAIRS_PATH)
+    settings = Settings(**values, config_file=config_file)
+    if settings.enabled:
+        _check_gpu(settings)
+    return settings
+
+
+def _check_gpu(settings: Settings) -> None:
+    from .hardware import GPUSpecError, UnknownGPUError, resolve_gpu
+
+    try:
+        resolve_gpu(settings.gpu, settings.gpu_spec_file)
+    except (UnknownGPUError, GPUSpecError, OSError) as e:
+        var = PREFIX + ("GPU_SPEC_FILE" if settings.gpu_spec_file else "GPU")
+        raise SettingsError(var, str(e)) from e
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``LLMCO2_*`` variables the plugin does not know (worth a warning: likely typos)."""
+    env = os.environ if environ is None else environ
+    known = {PREFIX + suffix for suffix, _ in _PARSERS.values()} | {PREFIX + "CONFIG"}
+    return sorted(n for n in env if n.startswith(PREFIX) and n not in known)
+
+
+def fail_open_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """``LLMCO2_FAIL_OPEN`` alone, for deciding what to do when :func:`load_settings` fails
+    (an unreadable value counts as the default, fail open)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(PREFIX + "FAIL_OPEN", "1").strip().lower()
+    return raw not in _FALSE
+

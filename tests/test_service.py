@@ -1,0 +1,271 @@
+"""EnergyService (API side) and EngineMeter (engine side), without vLLM.
+
+Engine schedules run against FakeEnergyReader (the real NVML reader over a fake NVML with the
+counter's real behaviour) at constant 100 W and a 0.125 s update period, so energies are exact
+binary fractions and hand-computable: one 0.125 s step = 12.5 J.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
+from llmco2_serve.output_length import OutputLengthModel, OutputPrior
+from llmco2_serve.records import parse_record
+from llmco2_serve.service import (
+    ERROR_ATTRIBUTE, EnergyService, EngineMeter, ModelInfo, decode_measured, encode_measured, make_predictor,
+)
+from llmco2_serve.settings import load_settings
+from llmco2_serve.tinymodel import tiny_config
+
+STEP_S = 0.125
+STEP_J = 12.5
+
+
+def meter(power_w=100.0, **kw):
+    clock = ManualClock(0.0)
+    reader = FakeEnergyReader(power_w, clock=clock, update_period_s=STEP_S, **kw)
+    return EngineMeter(reader, clock=clock), clock
+
+
+def run(m, clock, steps, key0=0):
+    for k, rows in enumerate(steps):
+        m.step_started(key0 + k, rows)
+        clock.advance(STEP_S)
+        m.step_finished(key0 + k)
+
+
+def check_conservation(m, finished):
+    a = m.attributor
+    assert a.attributed_energy_j + a.idle_energy_j == pytest.approx(a.total_energy_j, abs=1e-9)
+    assert sum(f.energy_j for f in finished) == pytest.approx(a.attributed_energy_j, abs=1e-9)
+
+
+# ---------------------------------------------------------------- EngineMeter
+def test_interleaved_schedule_proportional_phase_split_and_conservation():
+    m, clock = meter()
+    run(m, clock, [
+        [("A", "prefill", 30, 0), ("B", "prefill", 10, 0)],      # 12.5 J split 30:10
+        [("A", "decode", 1, 30), ("B", "decode", 1, 10)],        # 6.25 J each
+        [("A", "decode", 1, 31), ("C", "prefill", 3, 0)],        # 1:3 -> 3.125 / 9.375
+    ])
+    b = m.finished("B")
+    run(m, clock, [[("A", "decode", 1, 32), ("C", "decode", 1, 3)]], key0=10)  # 6.25 each
+    a, c = m.finished("A"), m.finished("C")
+    assert (a.prefill_energy_j, a.decode_energy_j) == pytest.approx((9.375, 6.25 + 3.125 + 6.25))
+    assert (b.prefill_energy_j, b.decode_energy_j) == pytest.approx((3.125, 6.25))
+    assert (c.prefill_energy_j, c.decode_energy_j) == pytest.approx((9.375, 6.25))
+    for r in (a, b, c):
+        assert r.energy_j == pytest.approx(r.prefill_energy_j + r.decode_energy_j)
+        assert r.source == "fake" and r.final and r.uncertainty_j > 0
+    assert m.attributor.total_energy_j == pytest.approx(4 * STEP_J)
+    check_conservation(m, [a, b, c])
+
+
+def test_chunked_prefill_counts_as_prefill():
+    m, clock = meter()
+    # a 96-token prompt in chunks of 32 next to a decoding request
+    run(m, clock, [[("L", "prefill", 32, 0), ("D", "decode", 1, 10)],
+                   [("L", "prefill", 32, 32), ("D", "decode", 1, 11)],
+                   [("L", "prefill", 32, 64), ("D", "decode", 1, 12)],
+                   [("L", "decode", 1, 96), ("D", "decode", 1, 13)]])
+    long_, dec = m.finished("L"), m.finished("D")
+    assert long_.prefill_energy_j == pytest.approx(3 * STEP_J * 32 / 33)
+    assert long_.decode_energy_j == pytest.approx(STEP_J / 2)
+    assert dec.prefill_energy_j == 0 and dec.decode_energy_j == pytest.approx(3 * STEP_J / 33 + STEP_J / 2)
+    check_conservation(m, [long_, dec])
+
+
+def test_preemption_recompute_is_prefill():
+    m, clock = meter()
+    run(m, clock, [[("P", "prefill", 4, 0)], [("P", "decode", 1, 4)]])
+    m.preempted("P")
+    # vLLM resumes it with its 5 computed tokens as new work; labelled decode when a prefix hit
+    # leaves 1 token, still a recompute
+    run(m, clock, [[("P", "decode", 5, 0)], [("P", "decode", 1, 5)]], key0=5)
+    p = m.finished("P")
+    assert p.n_preemptions == 1
+    assert p.prefill_energy_j == pytest.approx(2 * STEP_J)
+    assert p.decode_energy_j == pytest.approx(2 * STEP_J)
+    check_conservation(m, [p])
+
+
+def test_abort_keeps_energy_so_far_and_conservation():
+    m, clock = meter()
+    run(m, clock, [[("X", "prefill", 8, 0), ("Y", "prefill", 8, 0)]])
+    x = m.finished("X", aborted=True)
+    run(m, clock, [[("Y", "decode", 1, 8)]], key0=3)
+    y = m.finished("Y")
+    never = m.finished("Z", aborted=True)  # aborted while waiting: never scheduled
+    assert x.aborted and x.energy_j == pytest.approx(STEP_J / 2)
+    assert y.energy_j == pytest.approx(STEP_J / 2 + STEP_J)
+    assert never.energy_j == 0 and never.n_steps == 0
+    check_conservation(m, [x, y, never])
+
+
+def test_idle_time_between_steps_is_not_attributed():
+    m, clock = meter()
+    run(m, clock, [[("A", "prefill", 2, 0)]])
+    clock.advance(STEP_S)  # idle window
+    m.step_finished("nothing-open")  # an empty step just polls
+    run(m, clock, [[("A", "decode", 1, 2)]], key0=1)
+    a = m.finished("A")
+    assert a.energy_j == pytest.approx(2 * STEP_J)
+    assert m.attributor.idle_energy_j == pytest.approx(STEP_J)
+    check_conservation(m, [a])
+
+
+def test_weights_from_predictor_step_costs():
+    class Costs:  # relative cost = context + new tokens (what step_costs models, simplified)
+        def step_costs(self, n, ctx):
+            return np.asarray(n, float) + np.asarray(ctx, float)
+    m, clock = meter()
+    m.set_predictor(Costs())
+    run(m, clock, [[("A", "decode", 1, 99), ("B", "decode", 1, 299)]])  # costs 100 : 300
+    a, b = m.finished("A"), m.finished("B")
+    assert (a.energy_j, b.energy_j) == pytest.approx((STEP_J / 4, 3 * STEP_J / 4))
+
+
+def test_bad_predictor_costs_fall_back_to_token_counts():
+    class Broken:
+        def step_costs(self, n, ctx):
+            return np.array([np.nan] * len(n))
+    m, _ = meter()
+    m.set_predictor(Broken())
+    assert m.weights([("A", "prefill", 3, 0), ("B", "decode", 1, 3)]) == [3.0, 1.0]
+
+
+def test_nvml_errors_mark_unavailable_without_raising():
+    m, clock = meter()
+    m.reader.fail_on_read(1, code=15)  # GPU lost: permanent
+    run(m, clock, [[("A", "prefill", 2, 0)]])
+    a = m.finished("A")
+    assert a.source == "unavailable" and math.isnan(a.energy_j)
+
+
+def test_null_reader_gives_unavailable():
+    m = EngineMeter(NullEnergyReader("no NVML"))
+    m.step_started(1, [("A", "prefill", 3, 0)])
+    m.step_finished(1)
+    a = m.finished("A")
+    assert a.source == "unavailable" and math.isnan(a.energy_j) and m.source == "unavailable"
+
+
+def test_measured_wire_format_round_trip():
+    m, clock = meter()
+    run(m, clock, [[("A", "prefill", 2, 0)]])
+    text = encode_measured(m.finished("A"), gen_tokens=7)
+    d = decode_measured(text)
+    assert d["energy_j"] == STEP_J and d["prefill_energy_j"] == STEP_J and d["decode_energy_j"] == 0.0
+    assert d["source"] == "fake" and d["gen_tokens"] == 7 and d["final"] is True
+    un = decode_measured(encode_measured(EngineMeter(NullEnergyReader()).finished("B"), 3))
+    assert un["source"] == "unavailable" and math.isnan(un["energy_j"])
+    assert "NaN" not in encode_measured(EngineMeter(NullEnergyReader()).finished("B"), 3)
+    with pytest.raises(ValueError):
+        decode_measured(json.dumps({"energy_j": 1}))
+
+
+# ---------------------------------------------------------------- EnergyService
+MODEL = ModelInfo(hf_config={**tiny_config("llama"), "torch_dtype": "float32"}, model_name="tiny",
+                  dtype="float32", max_model_len=512, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return make_predictor(load_settings({}), MODEL, []).predictor
+
+
+def service(predictor, tmp_path, **env):
+    settings = load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), **env})
+    return EnergyService(settings, MODEL, gpu_names=[], predictor_factory=lambda *a, **k: predictor,
+                         output_lengths=OutputLengthModel(OutputPrior(200.0, 100.0, "test"), prior_weight=5))
+
+
+def test_prediction_is_the_batch_share(predictor, tmp_path):
+    svc = service(predictor, tmp_path)
+    p = svc.on_request("r1", prompt_len=20, max_tokens=300, running_requests=3)
+    assert (p.batch, p.gen_tokens, p.max_tokens) == (4, 200, 300)
+    batch = predictor.predict_many(np.array([20, 20]), np.array([200, 300]), batch=4)
+    assert p.prefill_energy_j == pytest.approx(batch.prefill_energy_j[0] / 4)
+    assert p.decode_energy_j == pytest.approx(batch.decode_energy_j[0] / 4)
+    assert p.energy_j == p.prefill_energy_j + p.decode_energy_j
+    assert p.energy_j_upper == pytest.approx(batch.energy_j[1] / 4)
+    assert p.co2_g == pytest.approx(batch.co2_g[0] / 4)
+    lone = svc.on_request("r2", prompt_len=20, max_tokens=300, running_requests=0)
+    assert lone.batch == 1 and lone.decode_energy_j > p.decode_energy_j  # sharing the batch is cheaper
+    crowded = svc.on_request("r3", prompt_len=20, max_tokens=300, running_requests=100)
+    assert crowded.batch == 8  # max_num_seqs
+    assert svc.prediction_count == 3 and svc.prediction_time_s > 0
+
+
+def test_absurd_or_missing_max_tokens_is_capped(predictor, tmp_path):
+    svc = service(predictor, tmp_path)
+    p = svc.on_request("r", prompt_len=12, max_tokens=10**9, running_requests=0)
+    assert p.max_tokens == 500 and p.gen_tokens == 200  # max_model_len - prompt
+    assert math.isfinite(p.energy_j_upper) and p.energy_j_upper > p.energy_j
+    assert svc.capped_max_tokens(12, None) == 500
+    assert svc.capped_max_tokens(12, 0) == 500
+    small = service(predictor, tmp_path, LLMCO2_MAX_TOKENS_CAP="64")
+    assert small.on_request("r", 12, 10**9, 0).max_tokens == 64
+    assert svc.on_request("empty", 0, 10, 0) is None
+
+
+def test_finished_attributes_with_measurement(predictor, tmp_path):
+    svc = service(predictor, tmp_path, LLMCO2_CARBON_INTENSITY_G_PER_KWH="360", LLMCO2_PUE="1.5")
+    p = svc.on_request("r", prompt_len=20, max_tokens=100, running_requests=0)
+    measured = {"prefill_energy_j": 2.0, "decode_energy_j": 10.0, "energy_j": 12.0, "uncertainty_j": 1.5,
+                "source": "nvml", "n_preemptions": 0}
+    a = svc.on_finished("r", 40, measured)
+    # operational: 12 J * 1.5 * 360 g/kWh / 3.6e6 J/kWh = 0.0018 g, plus the predicted embodied share
+    assert a["llmco2.measured.co2_g"] == pytest.approx(0.0018 + p.embodied_co2_g)
+    assert a["llmco2.measured.energy_j"] == 12.0 and a["llmco2.measured.source"] == "nvml"
+    assert a["llmco2.measured.uncertainty_j"] == 1.5
+    assert a["llmco2.predicted.energy_j"] == p.energy_j and a["llmco2.predicted.gen_tokens"] == 100
+    assert a["llmco2.gpu"] == "H100-SXM-80GB" and a["llmco2.gpu.source"] == "configured"
+    assert a["llmco2.n_gpu"] == 1 and a["llmco2.pue"] == 1.5 and a["llmco2.carbon_intensity_g_per_kwh"] == 360
+    assert ERROR_ATTRIBUTE not in a
+    # learned: (5 * 200 + 40) / 6
+    assert svc.output_lengths.mean_tokens("tiny") == pytest.approx(1040 / 6)
+    rows = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    assert len(rows) == 1
+    rec = parse_record(json.loads(rows[0]), "pairs")
+    assert (rec.prompt_len, rec.gen_tokens, rec.request_energy_j, rec.gpu) == (20, 40, 12.0, "H100-SXM-80GB")
+    assert json.loads(rows[0])["predicted_energy_j"] == pytest.approx(p.energy_j)
+
+
+def test_estimates_and_unavailable_are_not_kept_as_pairs(predictor, tmp_path):
+    svc = service(predictor, tmp_path)
+    svc.on_request("a", 20, 10, 0)
+    a = svc.on_finished("a", 10, {"prefill_energy_j": 1.0, "decode_energy_j": 1.0, "energy_j": 2.0,
+                                  "uncertainty_j": 0.1, "source": "cpu-estimate-codecarbon"})
+    assert a["llmco2.measured.source"] == "cpu-estimate-codecarbon"
+    svc.on_request("b", 20, 10, 0)
+    b = svc.on_finished("b", 10, None)
+    assert b["llmco2.measured.source"] == "unavailable" and "llmco2.measured.energy_j" not in b
+    assert "llmco2.predicted.energy_j" in b
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+
+def test_unknown_architecture_fails_open(tmp_path):
+    weird = ModelInfo(hf_config={"model_type": "weird", "architectures": ["WeirdForCausalLM"]}, model_name="w",
+                      dtype="float16")
+    svc = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": ""}), weird, gpu_names=[])
+    assert svc.predictor is None and "WeirdForCausalLM" in svc.error
+    assert svc.on_request("r", 10, 10, 0) is None
+    a = svc.on_finished("r", 5, None)
+    assert a[ERROR_ATTRIBUTE] == svc.error
+    assert "llmco2.predicted.energy_j" not in a and a["llmco2.measured.source"] == "unavailable"
+    assert "recognised=False" in svc.describe() and "NO predictions" in svc.describe()
+
+
+def test_detected_gpu_is_used(predictor, tmp_path):
+    settings = load_settings({"LLMCO2_PAIRS_PATH": ""})
+    choice = make_predictor(settings, MODEL, ["NVIDIA A100-SXM4-80GB"])
+    assert choice.gpu_source == "detected" and choice.gpu_label == "NVIDIA A100-SXM4-80GB"
+    assert choice.predictor.gpu.name.startswith("A100")
+    unknown = make_predictor(settings, MODEL, ["NVIDIA Mystery 9000"])
+    assert unknown.gpu_source == "configured" and unknown.gpu_label == "H100-SXM-80GB"
