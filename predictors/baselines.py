@@ -261,8 +261,11 @@ def _stack_graphs(node_xs: Sequence[np.ndarray], edge_indices: Sequence[np.ndarr
 class NNLQPBaseline:
     """2 SAGEConv + 2 linear layers (``gnn.LLMCO2GNN`` with one output) on summed-phase features.
 
-    Output: log request energy. Training as ``train.train_gnn``: the same :class:`TrainConfig`
-    (Adam, lr, weight decay, epochs), a warm-up on squared log error, then mean relative error
+    Output: log request energy, per transformer layer when ``config.layer_scaled`` (energy =
+    layers x exp(output), as ``train.train_gnn``): NNLQP's graph is the whole network, so its
+    prediction grows with depth; our graph is one layer, and scaling by the layer count is the
+    analogue. Training as ``train.train_gnn``: the same :class:`TrainConfig` (Adam, lr, weight
+    decay, epochs, hidden width), a warm-up on squared log error, then mean relative error
     |E_hat / E - 1|; rows with a non-positive label are left out of the loss.
     """
 
@@ -277,6 +280,10 @@ class NNLQPBaseline:
         self.standardizer: Standardizer | None = None
         self.n_fit_rows = 0
         self.n_fit_skipped = 0
+
+    def _scale(self, samples) -> np.ndarray:
+        layer_scaled = getattr(self.config, "layer_scaled", False)
+        return np.array([float(s.layers) if layer_scaled else 1.0 for s in samples])
 
     def _tensors(self, samples):
         x, ei, batch = _stack_graphs([nnlqp_node_features(s) for s in samples], [s.edge_index for s in samples])
@@ -298,8 +305,9 @@ class NNLQPBaseline:
         EI = torch.tensor(ei, dtype=torch.long)
         B = torch.tensor(batch, dtype=torch.long)
         mask = torch.tensor(keep)
-        log_y = torch.tensor(np.log(np.where(keep, y, 1.0)), dtype=torch.float32)
-        y_t = torch.exp(log_y)
+        scale = torch.tensor(self._scale(samples), dtype=torch.float32)
+        y_t = torch.tensor(np.where(keep, y, 1.0), dtype=torch.float32)
+        log_y = torch.log(y_t / scale)  # per-layer target when layer_scaled
 
         model = LLMCO2GNN(X.shape[1], G.shape[1], hidden=cfg.hidden, outputs=1)
         with torch.no_grad():  # start at the data's scale, as train_gnn does
@@ -311,7 +319,7 @@ class NNLQPBaseline:
             if epoch < cfg.warmup_epochs:
                 loss = ((o - log_y)[mask] ** 2).mean()
             else:
-                loss = (torch.exp(o.clamp(max=30)) / y_t - 1).abs()[mask].mean()
+                loss = (torch.exp(o.clamp(max=30)) * scale / y_t - 1).abs()[mask].mean()
             loss.backward()
             opt.step()
         self.model, self.standardizer = model.eval(), std
@@ -326,7 +334,7 @@ class NNLQPBaseline:
             o = self.model(torch.tensor(self.standardizer.nodes(x), dtype=torch.float32),
                            torch.tensor(ei, dtype=torch.long), torch.tensor(batch, dtype=torch.long),
                            torch.tensor(self.standardizer.globals(gx), dtype=torch.float32))[:, 0]
-        return {"prefill": None, "decode": None, "request": np.exp(o.double().numpy())}
+        return {"prefill": None, "decode": None, "request": np.exp(o.double().numpy()) * self._scale(samples)}
 
 
 # ----------------------------------------------------------------------------------------------

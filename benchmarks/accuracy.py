@@ -1,0 +1,200 @@
+"""Leave-one-architecture-out accuracy of the LLMCO2 GNN and its baselines (paper Tables 3 and 4).
+
+For each ``model`` label in the data, every predictor is trained on all other models and scored
+on the held-out one. Prints, as markdown:
+
+* Table 3: request-energy MAPE per held-out model, their mean (the paper's "Mean" column) and the
+  pooled value over all rows;
+* Table 4: EBA(30/10/5%) in the same layout;
+* a per-phase table (prefill, decode) for the predictors that give phases;
+* every model/metric where the GNN does NOT beat a baseline on MAPE or EBA(10%);
+* rows left out of a metric (non-positive measurements) with their reason.
+
+Usage (from the repository root)::
+
+    python benchmarks/accuracy.py [--data PATH] [--json OUT] [--predictors gnn,llmcarbon,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "energy" / "h200-hf-eager.jsonl"
+ALL_PREDICTORS = ("gnn", "llmcarbon", "random-forest", "nnlqp")
+LABELS = {"gnn": "LLMCO2 (GNN)", "llmcarbon": "LLMCarbon", "random-forest": "DeepEn (RF)", "nnlqp": "NNLQP"}
+BASELINES = ("llmcarbon", "random-forest", "nnlqp")
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _macro_mean(block: dict, key: str) -> float | None:
+    """Mean over held-out models of a per-model metric (the paper's "Mean" column)."""
+    vals = [m[key] for m in block["per_model"].values() if m[key] is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _row(label: str, block: dict, key: str, models: list[str]) -> str:
+    cells = [_pct(block["per_model"][m][key]) if m in block["per_model"] else "n/a" for m in models]
+    return f"| {label} | " + " | ".join(cells) + f" | {_pct(_macro_mean(block, key))} | {_pct(block[key])} |"
+
+
+def table3(results: dict, models: list[str]) -> str:
+    head = "| Scheme | " + " | ".join(models) + " | Mean | Pooled |"
+    sep = "|" + "---|" * (len(models) + 3)
+    rows = [_row(LABELS[n], r["evaluation"], "mape", models) for n, r in results.items()]
+    return "\n".join(["**Table 3 -- request-energy MAPE, held-out model (lower is better)**", "", head, sep, *rows])
+
+
+def table4(results: dict, models: list[str]) -> str:
+    head = "| Metric | Scheme | " + " | ".join(models) + " | Mean | Pooled |"
+    sep = "|" + "---|" * (len(models) + 4)
+    rows = []
+    for key, title in (("eba_30", "EBA(30%)"), ("eba_10", "EBA(10%)"), ("eba_5", "EBA(5%)")):
+        for n, r in results.items():
+            rows.append(f"| {title} " + _row(LABELS[n], r["evaluation"], key, models))
+    return "\n".join(["**Table 4 -- request-energy error-bound accuracy, held-out model (higher is better)**", "",
+                      head, sep, *rows])
+
+
+def phase_table(results: dict, models: list[str]) -> str:
+    phased = {n: r for n, r in results.items() if r["evaluation"]["prefill"] is not None}
+    if not phased:
+        return "**Per-phase accuracy**: no predictor gives phases."
+    head = "| Phase | Metric | Scheme | " + " | ".join(models) + " | Mean | Pooled |"
+    sep = "|" + "---|" * (len(models) + 5)
+    rows = []
+    for phase in ("prefill", "decode"):
+        for key, title in (("mape", "MAPE"), ("eba_10", "EBA(10%)"), ("eba_30", "EBA(30%)")):
+            for n, r in phased.items():
+                rows.append(f"| {phase} | {title} " + _row(LABELS[n], r["evaluation"][phase], key, models))
+    return "\n".join(["**Per-phase accuracy (predictors with a prefill/decode split)**", "", head, sep, *rows])
+
+
+def gnn_shortfalls(results: dict, models: list[str]) -> list[str]:
+    """Every (baseline, model or Mean, metric) where the GNN is not strictly better."""
+    if "gnn" not in results:
+        return []
+    g = results["gnn"]["evaluation"]
+    out = []
+    for b in BASELINES:
+        if b not in results:
+            continue
+        e = results[b]["evaluation"]
+        for key, better_is_lower in (("mape", True), ("eba_10", False)):
+            cols = [(m, g["per_model"][m][key], e["per_model"][m][key]) for m in models]
+            cols.append(("Mean", _macro_mean(g, key), _macro_mean(e, key)))
+            cols.append(("Pooled", g[key], e[key]))
+            for col, gv, bv in cols:
+                if gv is None or bv is None:
+                    continue
+                worse = gv >= bv if better_is_lower else gv <= bv
+                if worse:
+                    name = "MAPE" if key == "mape" else "EBA(10%)"
+                    out.append(f"- {name}, {col}: GNN {_pct(gv)} vs {LABELS[b]} {_pct(bv)}")
+    return out
+
+
+def exclusions(results: dict) -> list[str]:
+    any_result = next(iter(results.values()))["evaluation"]
+    out = []
+    for phase, block in (("request", any_result), ("prefill", any_result["prefill"]),
+                         ("decode", any_result["decode"])):
+        if block is None:
+            continue
+        ex = block["excluded"]
+        if ex["count"]:
+            reasons = ", ".join(f"{k}: {v}" for k, v in ex["reasons"].items())
+            out.append(f"- {phase}: {ex['count']} row(s) left out of the metric ({reasons})")
+    return out
+
+
+def run(data: Path, predictors: list[str], seed: int) -> dict:
+    from llmco2_serve.predictors.dataset import samples_from_records
+    from llmco2_serve.predictors.evaluate import evaluate, leave_one_architecture_out
+    from llmco2_serve.records import load_records
+
+    samples = samples_from_records(load_records(data))
+    results = {}
+    for name in predictors:
+        t0 = time.perf_counter()
+        preds, folds = leave_one_architecture_out(samples, name, seed=seed)
+        elapsed = time.perf_counter() - t0
+        rows = [{"model": s.model, "line": s.record.line, "batch": s.record.batch, "prompt_len": s.record.prompt_len,
+                 "gen_tokens": s.record.gen_tokens, "measured_request_energy_j": s.request_energy_j,
+                 **{f"predicted_{p}_energy_j": (None if preds[p] is None else float(preds[p][i]))
+                    for p in ("prefill", "decode", "request")}}
+                for i, s in enumerate(samples)]
+        results[name] = {"evaluation": evaluate(preds, samples), "folds": folds, "runtime_s": elapsed,
+                         "predictions": rows}
+        print(f"[{name}] {len(folds)} folds in {elapsed:.1f} s", file=sys.stderr, flush=True)
+    return {"data": str(data), "seed": seed, "n_samples": len(samples),
+            "models": list(dict.fromkeys(s.model for s in samples)), "results": results}
+
+
+def report(out: dict) -> str:
+    results, models = out["results"], out["models"]
+    parts = [
+        f"Leave-one-architecture-out on `{out['data']}` ({out['n_samples']} requests, {len(models)} models, "
+        f"seed {out['seed']}). Each column: the model held out of training. Mean = mean over the held-out "
+        "models (the paper's Mean column); Pooled = over all rows together.",
+        "", table3(results, models), "", table4(results, models), "", phase_table(results, models), "",
+    ]
+    short = gnn_shortfalls(results, models)
+    if "gnn" in results:
+        parts.append("**Where the GNN does NOT beat a baseline (MAPE or EBA(10%))**")
+        parts.append("")
+        parts.extend(short or ["- nowhere: the GNN is strictly better on every model, the Mean and the pooled rows."])
+        parts.append("")
+    ex = exclusions(results)
+    parts.append("**Rows left out of a metric** (measured value zero or negative, `shared/README.md`)")
+    parts.append("")
+    parts.extend(ex or ["- none"])
+    parts.append("")
+    parts.append("Runtime: " + ", ".join(f"{LABELS[n]} {r['runtime_s']:.1f} s" for n, r in results.items()))
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"energy records (default {DEFAULT_DATA})")
+    ap.add_argument("--json", type=Path, default=None, help="also write all numbers and predictions here")
+    ap.add_argument("--predictors", default=",".join(ALL_PREDICTORS),
+                    help=f"comma-separated subset of {','.join(ALL_PREDICTORS)}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is fastest for these small graphs; more oversubscribe 2 cores)")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.predictors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_PREDICTORS]
+    if unknown or not names:
+        ap.error(f"--predictors: unknown {unknown}; choose from {','.join(ALL_PREDICTORS)}")
+    if not args.data.is_file():
+        ap.error(f"--data: no such file {args.data}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out = run(args.data, names, args.seed)
+    out["runtime_s"] = time.perf_counter() - t0
+    print(report(out))
+    print(f"\nTotal runtime {out['runtime_s']:.1f} s (torch threads {args.threads}).")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        print(f"Wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
