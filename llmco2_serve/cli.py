@@ -111,7 +111,15 @@ def cmd_train(args) -> int:
     data = args.data or packaged_training_data()
     records = load_records(data)
     config = TrainConfig(epochs=args.epochs, seed=args.seed)
-    meta = train_embedded(records, args.out, data_source=args.source or data, config=config)
+    accuracy = {}
+    if args.accuracy_json:  # benchmarks/accuracy.py --json output: keep the GNN's held-out numbers
+        with open(args.accuracy_json, encoding="utf-8") as f:
+            bench = json.load(f)
+        ev = bench["results"]["gnn"]["evaluation"]
+        accuracy = {"protocol": "leave-one-architecture-out (benchmarks/accuracy.py)", "data": bench.get("data"),
+                    "request": {k: ev.get(k) for k in ("n", "mape", "eba_5", "eba_10", "eba_30")},
+                    "per_model_mape": {m: v.get("mape") for m, v in ev.get("per_model", {}).items()}}
+    meta = train_embedded(records, args.out, data_source=args.source or data, config=config, accuracy=accuracy)
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json: {meta['training_data']['n_records']} records, "
           f"final training loss {meta['final_train_loss']:.4f}")
     return 0
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output .npz (metadata goes to the .json beside it)")
     t.add_argument("--source", help="provenance text for the metadata (default: the data path)")
     t.add_argument("--epochs", type=int, default=600)
+    t.add_argument("--accuracy-json", help="benchmarks/accuracy.py --json output to record in the metadata")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
