@@ -10,6 +10,7 @@ Nothing happens at import.
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger("vllm.llmco2")
 
@@ -17,7 +18,17 @@ __all__ = ["register_general_plugin"]
 
 
 def register_general_plugin() -> None:
-    """Idempotent per process. Raises only for invalid settings with ``LLMCO2_FAIL_OPEN=0``."""
+    """Idempotent per process. Raises only with ``LLMCO2_FAIL_OPEN=0``; otherwise a plugin that
+    cannot start (bad settings, a broken install) logs one line and leaves vLLM untouched."""
+    try:
+        _register()
+    except Exception:  # noqa: BLE001 - the one guard between a broken plugin and vLLM's start-up
+        if os.environ.get("LLMCO2_FAIL_OPEN", "1").strip().lower() in ("0", "false", "no", "off"):
+            raise
+        logger.exception("llmco2: plugin failed to register; vLLM continues without it")
+
+
+def _register() -> None:
     from . import _patches, _state
 
     st = _state.state()

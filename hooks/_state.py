@@ -27,6 +27,7 @@ class ProcessState:
     active: bool = False  # patches applied and the plugin is on in this process
     inactive_reason: str = ""
     service: Any = None  # EnergyService (API server)
+    otel: Any = None  # OtelHandles when the plugin exports its own metrics (LLMCO2_OTLP_METRICS_ENDPOINT)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

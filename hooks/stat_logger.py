@@ -29,7 +29,15 @@ def ensure_service(vllm_config: Any) -> EnergyService | None:
         from ._vllm_config import model_info
 
         settings = st.settings
-        svc = EnergyService(settings, model_info(vllm_config))
+        metrics = None
+        if settings.otlp_metrics_endpoint:
+            # After vLLM's own tracer set-up: configure_otel uses a host provider where there is one
+            # and otherwise exports the plugin's metrics itself (never made global).
+            from llmco2_serve.telemetry import EnergyMetrics, configure_otel
+
+            st.otel = configure_otel(settings.otlp_metrics_endpoint)
+            metrics = EnergyMetrics(st.otel.meter)
+        svc = EnergyService(settings, model_info(vllm_config), metrics=metrics)
         if svc.error is not None and not settings.fail_open:
             raise RuntimeError(f"llmco2 (LLMCO2_FAIL_OPEN=0): {svc.error}")
         st.service = svc

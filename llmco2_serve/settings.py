@@ -20,6 +20,8 @@ variable                                  meaning (default)
 ``LLMCO2_PAIRS_PATH``                     JSONL of (prediction, NVML measurement) pairs for
                                           retraining; empty disables (~/.cache/llmco2/pairs.jsonl)
 ``LLMCO2_MAX_TOKENS_CAP``                 max_tokens above this are predicted at this value (131072)
+``LLMCO2_OTLP_METRICS_ENDPOINT``          OTLP/HTTP collector base URL for the plugin's metrics when the
+                                          host has no meter provider (none: metrics go to the host's)
 ``LLMCO2_CONFIG``                         the config file (none)
 ========================================  =========================================================
 """
@@ -70,6 +72,7 @@ class Settings:
     response_headers: bool = True
     pairs_path: str | None = DEFAULT_PAIRS_PATH
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    otlp_metrics_endpoint: str | None = None
     config_file: str | None = None
 
     @property
@@ -89,7 +92,8 @@ class Settings:
             f"carbon {self.intensity_g_per_kwh:g} gCO2e/kWh, PUE {self.pue:g}, lifetime {self.lifetime_years:g} y; "
             f"fallback GPU {self.gpu_spec_file or self.gpu}; energy reader {self.energy_reader}; "
             f"headers {'on' if self.response_headers else 'off'}; pairs {self.pairs_path or 'off'}; "
-            f"max_tokens cap {self.max_tokens_cap}; fail_open {self.fail_open}"
+            f"max_tokens cap {self.max_tokens_cap}; fail_open {self.fail_open}; "
+            f"metrics {self.otlp_metrics_endpoint or 'host meter provider'}"
             + (f"; config {self.config_file}" if self.config_file else "")
         )
 
@@ -148,6 +152,17 @@ def _mode(var: str, raw: Any) -> str:
     return text
 
 
+def _optional_url(var: str, raw: Any) -> str | None:
+    text = str(raw).strip()
+    if not text:
+        return None
+    if not text.startswith(("http://", "https://")):
+        raise SettingsError(var, f"expected an http(s) URL of an OTLP/HTTP collector, got {raw!r}")
+    if text.rstrip("/").endswith(("/v1/metrics", "/v1/traces")):
+        raise SettingsError(var, "give the collector's base URL; /v1/metrics is appended")
+    return text.rstrip("/")
+
+
 _PARSERS = {
     "enabled": ("ENABLED", _bool),
     "fail_open": ("FAIL_OPEN", _bool),
@@ -160,6 +175,7 @@ _PARSERS = {
     "response_headers": ("RESPONSE_HEADERS", _bool),
     "pairs_path": ("PAIRS_PATH", _optional_path),
     "max_tokens_cap": ("MAX_TOKENS_CAP", lambda v, r: _int(v, r, 1)),
+    "otlp_metrics_endpoint": ("OTLP_METRICS_ENDPOINT", _optional_url),
 }
 
 

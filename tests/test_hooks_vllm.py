@@ -289,3 +289,19 @@ def test_stat_logger_is_a_stat_logger_and_builds_the_service(tmp_path):
     logger.record(None, None)
     logger.log()
     logger.log_engine_initialized()
+
+
+def test_register_is_fail_open_when_the_plugin_itself_is_broken(monkeypatch, caplog):
+    import llmco2_serve.hooks as hooks
+
+    def broken():
+        raise ImportError("simulated broken install")
+
+    monkeypatch.setattr(hooks, "_register", broken)
+    monkeypatch.delenv("LLMCO2_FAIL_OPEN", raising=False)
+    with caplog.at_level("ERROR", logger="vllm.llmco2"):
+        hooks.register_general_plugin()  # must not raise into vLLM
+    assert "plugin failed to register" in caplog.text
+    monkeypatch.setenv("LLMCO2_FAIL_OPEN", "0")
+    with pytest.raises(ImportError):
+        hooks.register_general_plugin()

@@ -101,3 +101,15 @@ def test_settings_is_frozen_and_covers_every_variable():
     from dataclasses import fields
     assert {f.name for f in fields(Settings)} == set(_PARSERS) | {"config_file"}
     assert ENERGY_READER_MODES == ("auto", "nvml", "cpu-estimate", "off")
+
+
+def test_otlp_metrics_endpoint_is_a_base_url():
+    from llmco2_serve.settings import SettingsError, load_settings
+
+    assert load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4318/"}).otlp_metrics_endpoint == \
+        "http://127.0.0.1:4318"
+    assert load_settings({}).otlp_metrics_endpoint is None
+    with pytest.raises(SettingsError, match="LLMCO2_OTLP_METRICS_ENDPOINT"):
+        load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4318/v1/metrics"})
+    with pytest.raises(SettingsError, match="LLMCO2_OTLP_METRICS_ENDPOINT"):
+        load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": "collector:4318"})
