@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--model-config", help="HF config.json / model folder (default: Llama-3.1-8B fields)")
     ap.add_argument("--gpu", default="H100")
     ap.add_argument("--n", type=int, default=5000, help="single-request predictions to time")
-    ap.add_argument("--batch-size", type=int, default=10000, help="requests per predict_many call")
+    ap.add_argument("--batch-size", type=int, default=2048, help="requests per predict_many call")
     ap.add_argument("--json")
     args = ap.parse_args()
 
