@@ -67,7 +67,8 @@ def server(tmp_path_factory):
         "LLMCO2_GPU": "H100",
     })
     log_path = tmp / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model),
+    # Through the user-facing launcher (`llmco2 serve MODEL ...`), which picks vLLM's entry point.
+    cmd = [sys.executable, "-m", "llmco2_serve.cli", "serve", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "512", "--served-model-name", "tiny-llama",
            "--otlp-traces-endpoint", receiver.traces_endpoint]
