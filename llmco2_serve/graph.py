@@ -416,6 +416,8 @@ def build_layer_template(arch: ModelArch, precision: Precision, gpu, parallelism
     if not gpu.supports(compute):
         # e.g. fp8 checkpoints on Ampere run weight-only (dequantised into the activation dtype)
         compute = precision.activation_dtype
+    if compute == "bfloat16" and not gpu.supports(compute) and gpu.supports("float16"):
+        compute = "float16"  # pre-Ampere GPUs (T4, V100) serve bf16 checkpoints in fp16, as vLLM does
     peak = float(gpu.peak_flops_per_s(compute))
     bw = float(gpu.memory_bandwidth_bytes_per_s())
     net = float(gpu.network_bandwidth_bytes_per_s()) if tp > 1 else float(gpu.network_bandwidth_bytes_per_s() or 1.0)

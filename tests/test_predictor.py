@@ -89,3 +89,11 @@ def test_model_folder_path(tmp_path):
 def test_step_costs_rank_work(predictor):
     c = predictor.step_costs(np.array([512, 1, 1]), np.array([0, 100, 4000]))
     assert c[0] > c[2] > c[1] > 0
+
+
+def test_bf16_model_on_t4_is_priced_in_fp16():
+    from llmco2_serve.hardware import gpu_spec
+
+    p = Predictor.from_config(LLAMA_8B, gpu="Tesla T4")
+    assert p._template.peak_ops_per_s == gpu_spec("t4").peak_flops_per_s("float16")
+    assert p.predict(prompt_len=100, gen_tokens=10).energy_j > 0
