@@ -42,9 +42,12 @@ class EngineSide:
             log_once("reader", logging.WARNING, "llmco2: energy reader %r failed (%s); measurements unavailable",
                      mode, e)
             reader = NullEnergyReader(str(e))
-        self.meter = EngineMeter(reader)
         log_once("engine", logging.INFO, "llmco2 engine core (pid %d): energy source %s on %s", self.pid,
                  reader.source, ", ".join(reader.device_names()) or "no device")
+        if reader.source == "unavailable":
+            # Nothing to attribute: keep the step loop untouched; spans say "unavailable".
+            return
+        self.meter = EngineMeter(reader)
         gpu_names = [n.split(" ", 1)[-1] for n in reader.device_names()] if reader.source == "nvml" else []
         # The predictor only refines step weights; building it imports the GNN stack (seconds),
         # so it happens off the step loop. Until then weights are token counts.

@@ -425,6 +425,10 @@ def _clip0(x: Any) -> float | None:
 StepRow = tuple[str, str, int, int]  # (request_id, "prefill"|"decode", n_tokens, context_len before)
 
 
+_DECODE_CONTEXT_MAX = 1 << 21  # tokens of context the decode-cost table covers (beyond: extrapolated flat)
+_DECODE_GRID_POINTS = 160
+
+
 class EngineMeter:
     """Engine-core side: per-step rows in, per-request measured energy out.
 
@@ -438,28 +442,40 @@ class EngineMeter:
     def __init__(self, reader: EnergyReader, predictor: Any = None, *,
                  clock: Callable[[], float] = time.monotonic, **attributor_kwargs: Any) -> None:
         self.reader = reader
-        self.predictor = predictor
+        self.predictor: Any = None
         self._clock = clock
         self.attributor = EnergyAttributor(reader, clock, **attributor_kwargs)
         self._open: dict[Any, tuple[float, list[StepRow]]] = {}
+        self._decode_table: tuple[np.ndarray, np.ndarray] | None = None
         self.steps = 0
+        if predictor is not None:
+            self.set_predictor(predictor)
 
     @property
     def source(self) -> str:
         return self.attributor.source
 
     def set_predictor(self, predictor: Any) -> None:
+        # Decode rows (one token) dominate steps; their cost is piecewise linear in the context, so a
+        # table built once replaces a graph evaluation per step (the step loop's hot path).
+        grid = np.concatenate([[0.0], np.geomspace(1.0, float(_DECODE_CONTEXT_MAX), _DECODE_GRID_POINTS)])
+        costs = np.asarray(predictor.step_costs(np.ones_like(grid), grid), dtype=float).reshape(-1)
+        self._decode_table = (grid, costs) if bool(np.all(np.isfinite(costs) & (costs > 0))) else None
         self.predictor = predictor  # one reference swap: safe from another thread
 
     def weights(self, rows: Sequence[StepRow]) -> list[float]:
         """Relative cost of each row (finite, > 0)."""
-        n = [r[2] for r in rows]
-        p = self.predictor
-        if p is not None:
-            c = np.asarray(p.step_costs(np.asarray(n), np.asarray([r[3] for r in rows])), dtype=float).reshape(-1)
-            if c.shape[0] == len(rows) and bool(np.all(np.isfinite(c) & (c > 0))):
+        p, table = self.predictor, self._decode_table
+        if p is not None and table is not None:
+            n = np.fromiter((r[2] for r in rows), float, len(rows))
+            ctx = np.fromiter((r[3] for r in rows), float, len(rows))
+            c = np.interp(ctx, table[0], table[1])
+            multi = n > 1
+            if multi.any():
+                c[multi] = np.asarray(p.step_costs(n[multi], ctx[multi]), dtype=float).reshape(-1)
+            if bool(np.all(np.isfinite(c) & (c > 0))):
                 return c.tolist()
-        return [float(max(1, k)) for k in n]
+        return [float(max(1, r[2])) for r in rows]
 
     def step_started(self, key: Any, rows: Sequence[StepRow]) -> None:
         """A step was scheduled (``rows``: its work); its compute starts now."""

@@ -269,3 +269,21 @@ def test_detected_gpu_is_used(predictor, tmp_path):
     assert choice.predictor.gpu.name.startswith("A100")
     unknown = make_predictor(settings, MODEL, ["NVIDIA Mystery 9000"])
     assert unknown.gpu_source == "configured" and unknown.gpu_label == "H100-SXM-80GB"
+
+
+def test_decode_weights_from_the_table_match_the_graph():
+    from llmco2_serve.predictor import Predictor
+    from llmco2_serve.gpu_energy import NullEnergyReader
+    from llmco2_serve.service import EngineMeter
+
+    cfg = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "sliding_window": 4096,
+           "torch_dtype": "bfloat16"}
+    p = Predictor.from_config(cfg, gpu="h100")
+    meter = EngineMeter(NullEnergyReader("test"), p)
+    rows = [("a", "decode", 1, 0), ("b", "decode", 1, 777), ("c", "decode", 1, 5000), ("d", "prefill", 300, 40),
+            ("e", "decode", 1, 123_456)]
+    got = np.array(meter.weights(rows))
+    exact = p.step_costs(np.array([1, 1, 1, 300, 1]), np.array([0, 777, 5000, 40, 123_456]))
+    assert np.allclose(got, exact, rtol=1e-3)
+    assert got[3] == exact[3]  # prefill chunks are evaluated exactly
