@@ -237,7 +237,12 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
             if isinstance(layer_types, list) and layer_types:
                 window_fraction = sum(t == "sliding_attention" for t in layer_types) / len(layer_types)
             elif model_type == "gemma2":
-                window_fraction = 0.5  # Gemma2 alternates local and global layers
+                # Gemma2 alternates, starting with a sliding layer (layer i slides iff i is even)
+                window_fraction = math.ceil(num_layers / 2) / num_layers
+            elif model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and cfg.get("max_window_layers") is not None:
+                # Qwen slides only layers i >= max_window_layers
+                first = min(max(int(cfg["max_window_layers"]), 0), num_layers)
+                window_fraction = (num_layers - first) / num_layers
             else:
                 window_fraction = 1.0
             if window_fraction == 0.0:

@@ -261,20 +261,11 @@ def test_layer_types_give_the_fraction():
     assert full.sliding_window is None and full.sliding_window_layer_fraction == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG arch._parse: Gemma2 without layer_types gets fraction 0.5, but HF alternates starting with a "
-    "sliding layer (layer i slides iff i is even), so an odd layer count has ceil(n/2)/n sliding layers "
-    "(3 layers: 2/3). Published Gemma2 sizes have even layer counts (26/42/46), so only odd custom configs "
-    "are affected; measured: unfused decode FLOPs of a 3-layer tiny gemma2 with window 8 off by 0.47%"))
 def test_gemma2_odd_layer_count_follows_hf_alternation():
     a = _arch("gemma-2-2b", num_hidden_layers=3)
     assert a.sliding_window_layer_fraction == pytest.approx(2 / 3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG arch._parse: with use_sliding_window true Qwen2/Qwen3 slide only layers i >= max_window_layers "
-    "(HF Qwen2Config/Qwen3Config layer_types); arch ignores max_window_layers and slides every layer "
-    "(4 layers, max_window_layers 2: HF 0.5, arch 1.0). Only matters for configs that enable the window"))
 def test_qwen_sliding_window_respects_max_window_layers():
     a = _arch("Qwen3-0.6B", num_hidden_layers=4, use_sliding_window=True, sliding_window=4096,
               max_window_layers=2)
