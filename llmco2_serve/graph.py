@@ -144,7 +144,7 @@ def _layer_nodes(arch: ModelArch, *, attention: str, tensor_parallel: int) -> li
         last = (add("all_reduce_mlp", "all_reduce", h, h, tuple(outs)),)
     if arch.norms_per_layer == 4:
         last = (add("post_mlp_norm", "norm", h, h, tuple(last), norm_params),)
-    add("add_mlp", "add", h, h, tuple(last))
+    add("add_mlp", "add", h, h, (*last, r))  # r: the residual stream from the attention block
     return nodes
 
 
