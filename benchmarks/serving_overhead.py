@@ -73,6 +73,7 @@ class RoundStats:
     n_with_header: int  # responses carrying x-llmco2-predicted-energy-j
     latencies_s: tuple[float, ...]
     server_cpu_s: float | None = None  # CPU seconds the server's processes used in the round
+    errors: tuple[str, ...] = ()  # why each failed request failed (status line or socket error)
 
     @property
     def server_cpu_ms_per_request(self) -> float | None:
@@ -146,6 +147,8 @@ def run_round(
         n_with_header=sum(HEADER_PRED_J in r.headers for r in ok),
         latencies_s=tuple(r.latency_s for r in ok),
         server_cpu_s=server_cpu_s,
+        errors=tuple(f"status {r.status}: {r.error}" if r is not None else "no result"
+                     for r in results if r is None or not r.ok),
     )
 
 
@@ -157,6 +160,7 @@ def summarize(rounds: Sequence[RoundStats], probes: Sequence[RoundStats]) -> dic
         "rounds": len(rounds),
         "requests_ok": sum(r.n_ok for r in rounds),
         "requests_failed": sum(r.n_failed for r in rounds) + sum(r.n_failed for r in probes),
+        "failures": [e for r in (*rounds, *probes) for e in r.errors][:20],
         "responses_with_llmco2_header": sum(r.n_with_header for r in (*rounds, *probes)),
         "requests_per_s": statistics.median(r.requests_per_s for r in rounds),
         "output_tokens_per_s": statistics.median(r.output_tokens_per_s for r in rounds),
@@ -397,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{stats.requests_per_s:7.3f} req/s, {stats.output_tokens_per_s:7.1f} tok/s, "
                   f"server CPU {_fmt(stats.server_cpu_ms_per_request, '.1f')} ms/req{probe_txt}, "
                   f"{stats.n_failed} failed", flush=True)
+            for err in stats.errors[:3]:
+                print(f"            failed request: {err[:200]}", flush=True)
 
         def over_budget(share: float, done: int) -> bool:
             # Keep at least 2 rounds; stop early rather than overrun the time budget.
