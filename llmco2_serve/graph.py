@@ -339,7 +339,7 @@ class LayerTemplate:
         perf = K.roofline_performance(ops, traffic, self.peak_ops_per_s, bw)
         return PhaseCosts(ops, mem, net, perf, K.roofline_time_s(ops, perf))
 
-    def _head_costs(self, seg: Segment):
+    def head_costs(self, seg: Segment):
         """LM head on the last token of each pass, final norm, embedding gather: all GPUs together."""
         a, p = self.arch, self.precision
         b = seg.batch
@@ -360,7 +360,7 @@ class LayerTemplate:
         matmul_mask = np.array([n.kind in MATMUL_KINDS for n in self.nodes])
         for name, seg, c in (("prefill", prefill, prefill_costs), ("decode", decode, decode_costs)):
             c = c or self.costs(seg)
-            h_ops, h_mem, h_time, h_mm = self._head_costs(seg)
+            h_ops, h_mem, h_time, h_mm = self.head_costs(seg)
             out[f"{name}_flops"] = c.ops.sum(-1) * tp * layers + h_ops
             out[f"{name}_matmul_flops"] = (c.ops * matmul_mask).sum(-1) * tp * layers + h_mm
             out[f"{name}_bytes"] = c.memory_bytes.sum(-1) * tp * layers + h_mem

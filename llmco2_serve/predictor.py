@@ -208,7 +208,7 @@ class Predictor:
         seg = Segment.chunk(1, new_tokens, context_len)
         c = self._template.costs(seg)
         layers = self.arch.num_layers
-        return c.time_s.sum(-1) * layers + self._template._head_costs(seg)[2]
+        return c.time_s.sum(-1) * layers + self._template.head_costs(seg)[2]
 
 
 def _validate(batch, prompt_len, gen_tokens):
