@@ -411,7 +411,6 @@ def build_layer_template(arch: ModelArch, precision: Precision, gpu, parallelism
                          attention: str = "fused") -> LayerTemplate:
     """The cached static graph for one layer on ``gpu`` (a :class:`~llmco2_serve.hardware.GPUSpec`)."""
     parallelism = parallelism or Parallelism()
-    tp = parallelism.tensor_parallel
     compute = precision.compute_dtype
     if not gpu.supports(compute):
         # e.g. fp8 checkpoints on Ampere run weight-only (dequantised into the activation dtype)
@@ -420,7 +419,7 @@ def build_layer_template(arch: ModelArch, precision: Precision, gpu, parallelism
         compute = "float16"  # pre-Ampere GPUs (T4, V100) serve bf16 checkpoints in fp16, as vLLM does
     peak = float(gpu.peak_flops_per_s(compute))
     bw = float(gpu.memory_bandwidth_bytes_per_s())
-    net = float(gpu.network_bandwidth_bytes_per_s()) if tp > 1 else float(gpu.network_bandwidth_bytes_per_s() or 1.0)
+    net = float(gpu.network_bandwidth_bytes_per_s() or 1.0)  # only all-reduce nodes (TP > 1) use it
     return _build_template_cached(arch, precision, parallelism, attention, peak, bw, net)
 
 

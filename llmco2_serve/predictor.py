@@ -23,6 +23,8 @@ from .carbon import CarbonSettings, embodied_co2_g, operational_co2_g
 from .graph import Parallelism, Segment, build_layer_template
 from .hardware import GPUSpec, resolve_gpu
 from .precision import Precision
+from .predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES, Standardizer, featurize
+from .predictors.gnn_numpy import NumpyGNN, mean_adjacency
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +117,6 @@ class Predictor:
     model_name: str = ""
 
     def __post_init__(self):
-        from .predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES, Standardizer
-        from .predictors.gnn_numpy import NumpyGNN, mean_adjacency
-
         meta = self.weights.metadata
         if list(meta.get("node_features", [])) != list(NODE_FEATURE_NAMES) or \
                 list(meta.get("global_features", [])) != list(GLOBAL_FEATURE_NAMES):
@@ -157,8 +156,6 @@ class Predictor:
     # -- hot path ---------------------------------------------------------------------------------
 
     def _raw(self, batch, prompt_len, gen_tokens):
-        from .predictors.features import featurize
-
         gb = featurize(self._template, batch, prompt_len, gen_tokens, self.gpu)
         out = self._net.forward(self._std.nodes(gb.node_x), self._adjacency, self._std.globals(gb.global_x))
         scale = float(self.arch.num_layers) if self._layer_scaled else 1.0
