@@ -9,7 +9,8 @@ import threading
 from typing import Any
 
 from llmco2_serve.gpu_energy import EnergyReaderError, NullEnergyReader, open_energy_reader
-from llmco2_serve.service import MEASURED_HEADER, EngineMeter, encode_measured, make_predictor
+from llmco2_serve.engine_meter import EngineMeter
+from llmco2_serve.service import MEASURED_HEADER, encode_measured, make_predictor
 
 from . import _state
 from ._patches import apply, failed, log_once
