@@ -37,7 +37,15 @@ KNOWN_FAMILIES: dict[str, tuple[bool, str, str]] = {
     "gemma2": (True, "rmsnorm", "gelu_pytorch_tanh"),
     "phi3": _GATED_RMS,
     "bloom": (False, "layernorm", "gelu"),
+    # GELU/ReLU two-matrix MLP and LayerNorm with biases; field names differ per family (_parse).
+    "gpt2": (False, "layernorm", "gelu_new"),
+    "gpt_neox": (False, "layernorm", "gelu"),
+    "falcon": (False, "layernorm", "gelu"),
+    "opt": (False, "layernorm", "relu"),
 }
+
+# The MLP width under the names families give it (Llama, Falcon/ChatGLM, GPT-2, OPT).
+_INTERMEDIATE_FIELDS = ("intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim")
 
 # Families whose attention projections carry biases (q/k/v only for qwen2; all for bloom).
 _QKV_BIAS_FAMILIES = {"qwen2", "qwen2_moe"}
@@ -75,6 +83,12 @@ class ModelArch:
     sliding_window: int | None = None
     sliding_window_layer_fraction: float = 0.0
     known_family: bool = True
+    # Learned absolute position embeddings (GPT-2, OPT): rows of the table (0: rotary/ALiBi, no table).
+    position_embeddings: int = 0
+    # GPT-NeoX / Falcon "parallel" blocks: x + attn(norm(x)) + mlp(norm'(x)). Same kernels and the same
+    # work as the sequential block (vLLM and HF run them one after the other on one stream), so they
+    # are priced identically; only the graph's data dependencies differ (the MLP reads the layer input).
+    parallel_attn_mlp: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -104,6 +118,7 @@ class ModelArch:
         total = embed + self.num_layers * weight_params_per_layer(self) + norm_params
         if self.embedding_norm:
             total += norm_params
+        total += self.position_embeddings * h
         if not self.tie_word_embeddings:
             total += embed
         return total
@@ -160,18 +175,25 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
         gated, norm_type, default_act = KNOWN_FAMILIES[model_type]
     else:
         # A standard decoder: gated MLP when an intermediate size is given, RMSNorm if it says so.
-        gated = cfg.get("hidden_act", "silu") in ("silu", "swish") or "mlp_bias" in cfg
-        norm_type = "layernorm" if "layer_norm_eps" in cfg and "rms_norm_eps" not in cfg else "rmsnorm"
-        default_act = "silu"
+        # Activation under any family's field name; no activation field at all reads as Llama's SiLU.
+        act = _activation(cfg) or "silu"
+        gated = act in ("silu", "swish") or "mlp_bias" in cfg
+        has_ln = any(k in cfg for k in ("layer_norm_eps", "layer_norm_epsilon"))
+        norm_type = "layernorm" if has_ln and "rms_norm_eps" not in cfg else "rmsnorm"
+        default_act = act
         log.warning(
             "llmco2: model_type %r is not a known family; modelling it as a standard decoder "
             "(gated MLP=%s, %s). Predictions for it are extrapolations.", model_type, gated, norm_type,
         )
 
-    hidden = _int_field(cfg, "hidden_size", "n_embed", "d_model")
+    # GPT-2 names its fields n_embd/n_layer/n_head; Bloom's older configs say n_embed.
+    hidden = _int_field(cfg, "hidden_size", "n_embd", "n_embed", "d_model")
     num_layers = _int_field(cfg, "num_hidden_layers", "n_layer", "num_layers")
     num_heads = _int_field(cfg, "num_attention_heads", "n_head", "num_heads")
-    num_kv_heads = _int_field(cfg, "num_key_value_heads", "multi_query_group_num", required=False)
+    if model_type == "falcon":
+        num_kv_heads = _falcon_kv_heads(cfg, num_heads)
+    else:
+        num_kv_heads = _int_field(cfg, "num_key_value_heads", "multi_query_group_num", required=False)
     if num_kv_heads is None:
         num_kv_heads = num_heads  # MHA: absent or null means one KV head per query head (as HF reads it)
     if num_heads % num_kv_heads:
@@ -194,8 +216,15 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
         given = cfg.get("intermediate_size")
         if given is not None and int(given) != intermediate:
             raise ArchitectureError(f"bloom config field 'intermediate_size' ({given}) contradicts 4*hidden_size")
+    elif model_type == "gpt2":
+        # n_inner null (every published GPT-2) means 4 * n_embd, as HF's GPT2MLP reads it
+        intermediate = _int_field(cfg, "n_inner", required=False) or 4 * hidden
+    elif model_type == "falcon":
+        intermediate = _int_field(cfg, "ffn_hidden_size", required=False) or 4 * hidden  # HF FalconConfig default
+    elif model_type == "opt":
+        intermediate = _int_field(cfg, "ffn_dim")
     else:
-        intermediate = _int_field(cfg, "intermediate_size", "ffn_hidden_size", "n_inner", required=False)
+        intermediate = _int_field(cfg, *_INTERMEDIATE_FIELDS, required=False)
 
     # Mixture of experts.
     n_experts = _int_field(cfg, "num_local_experts", "num_experts", "n_routed_experts", required=False, minimum=0) or 0
@@ -223,7 +252,8 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
         if n_experts:
             intermediate = moe_inter
         else:
-            raise ArchitectureError("config is missing required field 'intermediate_size'")
+            raise ArchitectureError("config is missing required field "
+                                    + " or ".join(repr(n) for n in _INTERMEDIATE_FIELDS))
 
     # Sliding-window attention: only where the family actually applies it.
     window = cfg.get("sliding_window")
@@ -248,17 +278,50 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
             if window_fraction == 0.0:
                 window = None
 
-    activation = cfg.get("hidden_act") or cfg.get("hidden_activation") or default_act
+    activation = _activation(cfg) or default_act
     if model_type in ("gemma", "gemma2") and cfg.get("hidden_activation"):
         activation = cfg["hidden_activation"]
 
-    tie_default = model_type in ("bloom", "gemma", "gemma2")
+    # HF's defaults when the field is absent: GPT-NeoX is the only family here with an untied head.
+    tie_default = model_type in ("bloom", "gemma", "gemma2", "gpt2", "opt", "falcon")
     tie = bool(cfg.get("tie_word_embeddings", tie_default))
 
+    norms_per_layer = 4 if model_type == "gemma2" else 2
+    parallel = False
+    positions = 0
     if model_type == "bloom":
         attention_bias, mlp_bias = "all", True
     elif model_type in _QKV_BIAS_FAMILIES:
         attention_bias, mlp_bias = "qkv", False
+    elif model_type == "gpt2":
+        if cfg.get("add_cross_attention"):
+            raise ArchitectureError("gpt2 config field 'add_cross_attention' is true (an encoder-decoder "
+                                    "block); only decoder-only GPT-2 is modelled")
+        attention_bias, mlp_bias = "all", True  # Conv1D c_attn/c_proj/c_fc all carry biases
+        positions = _int_field(cfg, "n_positions", "max_position_embeddings")
+    elif model_type == "opt":
+        _opt_supported(cfg, hidden)
+        bias = bool(cfg.get("enable_bias", True))
+        attention_bias, mlp_bias = ("all" if bias else "none"), bias
+        # OPTLearnedPositionalEmbedding keeps 2 extra rows (its position offset)
+        positions = _int_field(cfg, "max_position_embeddings") + 2
+    elif model_type == "gpt_neox":
+        attention_bias = "all" if cfg.get("attention_bias", True) else "none"
+        mlp_bias = True  # GPTNeoXMLP's dense_h_to_4h / dense_4h_to_h always have biases
+        parallel = bool(cfg.get("use_parallel_residual", True))
+    elif model_type == "falcon":
+        bias = bool(cfg.get("bias", False))
+        attention_bias, mlp_bias = ("all" if bias else "none"), bias
+        parallel = bool(cfg.get("parallel_attn", True))
+        if parallel:
+            # Falcon-7B style blocks share one LayerNorm between attention and MLP; the new decoder
+            # architecture (40B/180B) has ln_attn and ln_mlp unless num_ln_in_parallel_attn says 1.
+            n_ln = cfg.get("num_ln_in_parallel_attn")
+            if n_ln is None:
+                n_ln = 2 if cfg.get("new_decoder_architecture") else 1
+            if n_ln not in (1, 2):
+                raise ArchitectureError(f"falcon config field 'num_ln_in_parallel_attn' must be 1 or 2, got {n_ln!r}")
+            norms_per_layer = int(n_ln)
     else:
         attention_bias = "all" if cfg.get("attention_bias") else "none"
         mlp_bias = bool(cfg.get("mlp_bias", False))
@@ -279,7 +342,7 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
         attention_bias=attention_bias,
         mlp_bias=mlp_bias,
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
-        norms_per_layer=4 if model_type == "gemma2" else 2,
+        norms_per_layer=norms_per_layer,
         embedding_norm=model_type == "bloom",
         moe_num_experts=n_experts,
         moe_experts_per_token=top_k,
@@ -288,7 +351,44 @@ def _parse(cfg: dict[str, Any]) -> ModelArch:
         sliding_window=window,
         sliding_window_layer_fraction=window_fraction,
         known_family=known,
+        position_embeddings=positions,
+        parallel_attn_mlp=parallel,
     )
+
+
+def _activation(cfg: Mapping[str, Any]) -> str | None:
+    """The MLP activation under each family's field name (GPT-2/OPT ``activation_function``,
+    Falcon ``activation``, most others ``hidden_act``)."""
+    for name in ("hidden_act", "activation_function", "activation", "hidden_activation"):
+        value = cfg.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _falcon_kv_heads(cfg: Mapping[str, Any], num_heads: int) -> int:
+    """KV heads as HF's FalconAttention reads them: ``num_kv_heads`` under the new decoder
+    architecture (40B/180B), one shared head with ``multi_query`` (7B; the HF default), else MHA."""
+    if cfg.get("new_decoder_architecture"):
+        return _int_field(cfg, "num_kv_heads", required=False) or num_heads
+    if cfg.get("multi_query", True):
+        return 1
+    return num_heads
+
+
+def _opt_supported(cfg: Mapping[str, Any], hidden: int) -> None:
+    """OPT variants whose extra layers the kernel graph has no node for are refused by name."""
+    proj = cfg.get("word_embed_proj_dim")
+    if proj is not None and proj != hidden:
+        raise ArchitectureError(
+            f"opt config field 'word_embed_proj_dim' ({proj}) differs from 'hidden_size' ({hidden}): the "
+            "project_in/project_out layers (e.g. opt-350m) are not modelled")
+    if cfg.get("do_layer_norm_before", True) is False:
+        raise ArchitectureError("opt config field 'do_layer_norm_before' is false (post-LayerNorm without a "
+                                "final norm, e.g. opt-350m): not modelled")
+    if cfg.get("layer_norm_elementwise_affine", True) is False:
+        raise ArchitectureError("opt config field 'layer_norm_elementwise_affine' is false (norms without "
+                                "weights): not modelled")
 
 
 def is_finite_positive(x: float) -> bool:

@@ -111,7 +111,11 @@ def _layer_nodes(arch: ModelArch, *, attention: str, tensor_parallel: int) -> li
     if arch.norms_per_layer == 4:
         o = add("post_attn_norm", "norm", h, h, (o,), norm_params)
     r = add("add_attn", "add", h, h, (o,))
-    m = add("norm_mlp", "norm", h, h, (r,), norm_params)
+    if arch.norms_per_layer == 1:
+        m = x  # Falcon-7B: attention and MLP read the same LayerNorm output
+    else:
+        # parallel attention+MLP (GPT-NeoX, Falcon) normalises the layer input, not the residual
+        m = add("norm_mlp", "norm", h, h, () if arch.parallel_attn_mlp else (r,), norm_params)
     ff = arch.intermediate_size
     outs: list[str] = []
     if arch.is_moe:
@@ -346,7 +350,8 @@ class LayerTemplate:
         ops = K.linear_ops(b, seg.passes, a.hidden_size, a.vocab_size, 1) + K.norm_ops(b, seg.passes, a.hidden_size, 1)
         mem = (K.linear_memory_bytes(b, seg.passes, seg.passes, a.hidden_size, a.vocab_size, p.activation_bytes,
                                      p.activation_bytes, p.activation_bytes, 1)
-               + b * seg.tokens * a.hidden_size * p.activation_bytes)  # embedding rows gathered (never quantized)
+               # embedding rows gathered (never quantized), and position rows where the table is learned
+               + b * seg.tokens * a.hidden_size * p.activation_bytes * (2 if a.position_embeddings else 1))
         t_compute = ops / self.peak_ops_per_s
         t_mem = mem / (self.memory_bandwidth_bytes_per_s * self.parallelism.tensor_parallel)
         matmul = K.linear_ops(b, seg.passes, a.hidden_size, a.vocab_size, 1)

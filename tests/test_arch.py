@@ -130,6 +130,60 @@ CONFIGS: dict[str, tuple[dict, int]] = {
         "model_type": "bloom", "hidden_size": 2048, "n_layer": 24, "n_head": 16, "vocab_size": 250880,
         "layer_norm_epsilon": 1e-5,
     }, 1_722_408_960),
+    # GPT-2 / OPT / GPT-NeoX / Falcon under their own field names. Counts: the published ones
+    # (gpt2 124M incl. the 1024x768 position table), each equal to HF's num_parameters() on the same
+    # config (python -c "...AutoModelForCausalLM.from_config(...) on the meta device").
+    "gpt2": ({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768, "n_layer": 12, "n_head": 12,
+        "n_positions": 1024, "n_ctx": 1024, "n_inner": None, "vocab_size": 50257,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+    }, 124_439_808),
+    "gpt2-medium": ({
+        "model_type": "gpt2", "n_embd": 1024, "n_layer": 24, "n_head": 16, "n_positions": 1024,
+        "vocab_size": 50257, "activation_function": "gelu_new",
+    }, 354_823_168),
+    "gpt2-xl": ({
+        "model_type": "gpt2", "n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024,
+        "vocab_size": 50257, "activation_function": "gelu_new",
+    }, 1_557_611_200),
+    "opt-125m": ({
+        "model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": 768, "ffn_dim": 3072,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "vocab_size": 50272, "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 768, "do_layer_norm_before": True, "activation_function": "relu",
+        "enable_bias": True, "torch_dtype": "float16",
+    }, 125_239_296),
+    "opt-1.3b": ({
+        "model_type": "opt", "hidden_size": 2048, "ffn_dim": 8192, "num_hidden_layers": 24,
+        "num_attention_heads": 32, "vocab_size": 50272, "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 2048, "do_layer_norm_before": True, "activation_function": "relu",
+    }, 1_315_758_080),
+    "pythia-160m": ({
+        "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_size": 768,
+        "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "vocab_size": 50304,
+        "rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False,
+        "max_position_embeddings": 2048, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+    }, 162_322_944),
+    "pythia-1b": ({
+        "model_type": "gpt_neox", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 8, "vocab_size": 50304, "rotary_pct": 0.25, "use_parallel_residual": True,
+        "tie_word_embeddings": False, "hidden_act": "gelu",
+    }, 1_011_781_632),
+    "falcon-7b": ({
+        "model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 4544,
+        "num_hidden_layers": 32, "num_attention_heads": 71, "multi_query": True, "parallel_attn": True,
+        "bias": False, "alibi": False, "new_decoder_architecture": False, "vocab_size": 65024,
+        "torch_dtype": "bfloat16",
+    }, 6_921_720_704),
+    "falcon-40b": ({
+        "model_type": "falcon", "hidden_size": 8192, "num_hidden_layers": 60, "num_attention_heads": 128,
+        "num_kv_heads": 8, "new_decoder_architecture": True, "parallel_attn": True, "bias": False,
+        "alibi": False, "vocab_size": 65024,
+    }, 41_303_293_952),
+    "falcon-rw-1b": ({
+        "model_type": "falcon", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32,
+        "multi_query": False, "parallel_attn": False, "bias": True, "alibi": True,
+        "new_decoder_architecture": False, "vocab_size": 50304,
+    }, 1_311_625_216),
     "Phi-3-mini-4k-instruct": ({
         "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "hidden_act": "silu",
@@ -228,6 +282,59 @@ def test_bloom_fields():
 def test_phi3_fields():
     a = _arch("Phi-3-mini-4k-instruct")
     assert (a.num_kv_heads, a.head_dim, a.gated_mlp, a.tie_word_embeddings) == (32, 96, True, False)
+
+
+def test_gpt2_fields_are_read_under_their_own_names(caplog):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+        a = _arch("gpt2")
+    assert not caplog.records  # a known family: no "standard decoder (gated MLP=True, rmsnorm)" guess
+    assert (a.hidden_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim) == (768, 12, 12, 12, 64)
+    assert (a.intermediate_size, a.gated_mlp, a.norm_type, a.activation) == (3072, False, "layernorm", "gelu_new")
+    assert (a.attention_bias, a.mlp_bias, a.tie_word_embeddings, a.position_embeddings) == ("all", True, True, 1024)
+    assert a.parallel_attn_mlp is False and a.known_family
+    assert _arch("gpt2", n_inner=1000).intermediate_size == 1000
+
+
+def test_opt_neox_falcon_fields():
+    o = _arch("opt-125m")
+    assert (o.intermediate_size, o.gated_mlp, o.norm_type, o.activation) == (3072, False, "layernorm", "relu")
+    assert (o.attention_bias, o.mlp_bias, o.position_embeddings, o.tie_word_embeddings) == ("all", True, 2050, True)
+    assert _arch("opt-125m", enable_bias=False).attention_bias == "none"
+    n = _arch("pythia-160m")
+    assert (n.gated_mlp, n.norm_type, n.activation, n.parallel_attn_mlp) == (False, "layernorm", "gelu", True)
+    assert (n.tie_word_embeddings, n.attention_bias, n.mlp_bias, n.position_embeddings) == (False, "all", True, 0)
+    assert _arch("pythia-160m", use_parallel_residual=False).parallel_attn_mlp is False
+    f7 = _arch("falcon-7b")  # multi-query, one LayerNorm shared by attention and MLP
+    assert (f7.num_kv_heads, f7.norms_per_layer, f7.parallel_attn_mlp, f7.intermediate_size) == (1, 1, True, 4 * 4544)
+    assert (f7.attention_bias, f7.mlp_bias, f7.gated_mlp, f7.norm_type) == ("none", False, False, "layernorm")
+    f40 = _arch("falcon-40b")  # new decoder architecture: GQA, ln_attn + ln_mlp
+    assert (f40.num_kv_heads, f40.norms_per_layer, f40.parallel_attn_mlp) == (8, 2, True)
+    rw = _arch("falcon-rw-1b")  # sequential block with biases
+    assert (rw.num_kv_heads, rw.norms_per_layer, rw.parallel_attn_mlp, rw.attention_bias) == (32, 2, False, "all")
+
+
+@pytest.mark.parametrize("name,changes,field", [
+    ("opt-125m", {"word_embed_proj_dim": 512}, "word_embed_proj_dim"),  # opt-350m's projections
+    ("opt-125m", {"do_layer_norm_before": False}, "do_layer_norm_before"),
+    ("opt-125m", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
+    ("gpt2", {"add_cross_attention": True}, "add_cross_attention"),
+    ("falcon-40b", {"num_ln_in_parallel_attn": 3}, "num_ln_in_parallel_attn"),
+])
+def test_unmodelled_variants_are_refused_by_field(name, changes, field):
+    with pytest.raises(ArchitectureError, match=field):
+        _arch(name, **changes)
+
+
+def test_unknown_gpt2_style_family_is_guessed_from_its_fields(caplog):
+    cfg = dict(CONFIGS["gpt2"][0], model_type="my_gpt2_clone")
+    with pytest.raises(ArchitectureError, match="n_inner"):  # no family default (4h) for an unknown type
+        ModelArch.from_hf_config(cfg)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+        a = ModelArch.from_hf_config(dict(cfg, n_inner=3072))
+    text = caplog.text
+    assert "my_gpt2_clone" in text and "gated MLP=False, layernorm" in text
+    assert (a.hidden_size, a.num_layers, a.num_heads, a.gated_mlp, a.activation) == (768, 12, 12, False, "gelu_new")
 
 
 # --- sliding window --------------------------------------------------------------------------
@@ -379,6 +486,20 @@ def test_arch_is_frozen_hashable_and_keyed():
         a.hidden_size = 1  # type: ignore[misc]
 
 
+# --- GPT-2 / OPT / GPT-NeoX / Falcon: the real HF models on the meta device ------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt-125m", "pythia-160m", "falcon-7b", "falcon-40b", "falcon-rw-1b"])
+def test_new_family_param_count_matches_hf(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = CONFIGS[name][0]
+    hf_cfg = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert ModelArch.from_hf_config(cfg).param_count() == model.num_parameters()
+
+
 # --- tiny configs against the real HF models -------------------------------------------------
 
 
@@ -391,3 +512,43 @@ def test_tiny_config_param_count_matches_hf(family):
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     assert ModelArch.from_hf_config(cfg).param_count() == model.num_parameters()
+
+
+# --- the layer DAG follows each family's block --------------------------------------------------
+
+
+def _ancestors(nodes, name):
+    parents = {n.name: n.parents for n in nodes}
+    seen, todo = set(), list(parents[name])
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo.extend(parents[p])
+    return seen
+
+
+@pytest.mark.parametrize("name,parallel,shared_norm", [
+    ("gpt2", False, False), ("opt-125m", False, False), ("pythia-160m", True, False),
+    ("falcon-7b", True, True), ("falcon-40b", True, False), ("falcon-rw-1b", False, False),
+])
+def test_layer_graph_follows_the_block(name, parallel, shared_norm):
+    """HF's GPTNeoXLayer/FalconDecoderLayer with parallel blocks feed the MLP the layer input, so
+    in the graph the MLP must not depend on attention; the block output still sums both."""
+    from llmco2_serve.graph import _layer_nodes
+
+    nodes = _layer_nodes(_arch(name), attention="fused", tensor_parallel=1)
+    names = {n.name for n in nodes}
+    assert ("norm_mlp" not in names) == shared_norm
+    assert ("attention" in _ancestors(nodes, "up_proj")) == (not parallel)
+    assert {"attention", "up_proj"} <= _ancestors(nodes, "add_mlp")
+    assert "gate_proj" not in names  # two-matrix GELU/ReLU MLP
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt-125m", "pythia-160m", "falcon-7b"])
+def test_new_families_predict(name):
+    from llmco2_serve.predictor import Predictor
+
+    p = Predictor.from_config(dict(CONFIGS[name][0], torch_dtype="float16"), gpu="H100")
+    r = p.predict(prompt_len=128, gen_tokens=32)
+    assert 0 < r.prefill_energy_j < r.energy_j and r.decode_energy_j > 0

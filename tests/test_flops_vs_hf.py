@@ -116,3 +116,41 @@ def test_unfused_single_decode_step_with_window_matches_hf():
     cfg = tiny_config("mistral", sliding_window=8)
     _, _, _, _, (_, _, g_dec, hf_dec) = _compare(cfg, gen_tokens=2)
     assert g_dec == hf_dec  # exact for every other case measured here
+
+
+# GPT-2 / OPT / GPT-NeoX / Falcon under their own field names (tinymodel builds the vLLM-served
+# families; these four only need a config for FlopCounterMode). Weight bytes must equal the HF
+# model's parameters too: position tables, biases, shared/parallel norms and tied heads included.
+_TINY_BASE = {"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+TINY_OTHER = {
+    "gpt2": {"model_type": "gpt2", "n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 64,
+             "activation_function": "gelu_new", "n_inner": None, **_TINY_BASE},
+    "gpt2_n_inner": {"model_type": "gpt2", "n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                     "n_inner": 192, **_TINY_BASE},
+    "opt": {"model_type": "opt", "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 64, "word_embed_proj_dim": 128,
+            "activation_function": "relu", **_TINY_BASE},
+    "gpt_neox_parallel": {"model_type": "gpt_neox", "hidden_size": 128, "intermediate_size": 256,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.25,
+                          "use_parallel_residual": True, "max_position_embeddings": 64, "hidden_act": "gelu",
+                          **_TINY_BASE},
+    "gpt_neox_sequential": {"model_type": "gpt_neox", "hidden_size": 128, "intermediate_size": 256,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "use_parallel_residual": False,
+                            "max_position_embeddings": 64, **_TINY_BASE},
+    "falcon_7b_style": {"model_type": "falcon", "hidden_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "multi_query": True, "parallel_attn": True, "bias": False,
+                        **_TINY_BASE},
+    "falcon_40b_style": {"model_type": "falcon", "hidden_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_kv_heads": 2, "new_decoder_architecture": True,
+                         "parallel_attn": True, "bias": False, **_TINY_BASE},
+    "falcon_rw_style": {"model_type": "falcon", "hidden_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "multi_query": False, "parallel_attn": False, "bias": True,
+                        "alibi": True, **_TINY_BASE},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_OTHER))
+def test_gpt2_opt_neox_falcon_flops_and_weights_match_hf(name):
+    model, tpl, _, _, (g_pre, hf_pre, g_dec, hf_dec) = _compare(TINY_OTHER[name])
+    assert (g_pre, g_dec) == (hf_pre, hf_dec)
+    assert tpl.weight_bytes() == sum(p.numel() for p in model.parameters()) * 4
