@@ -130,6 +130,14 @@ _IDLE_HISTORY = 16  # closed windows remembered per device for the idle floor
 _KNOWN_IDLE_REL_ERROR = 0.25
 # g in the module docstring: step power spread within a window (prefill ~2.8x decode on H200).
 _STEP_POWER_REL_SPREAD = 0.5
+# Relative error of the per-row weights inside one step (shared weight reads split evenly,
+# own compute and KV reads from the Roofline model): the predictor's per-kernel Roofline times
+# are within ~30% of measured kernel times for the dense kernels (README accuracy section).
+_ROW_SPLIT_REL_ERROR = 0.3
+_IDLE_WINDOWS_KEPT = 32  # fully idle windows remembered per device for the measured idle power
+_RECENT_DONE = 8192  # ids of delivered requests remembered, so late work is never a new entry
+_MAX_FINALIZED = 65536  # final values kept for pop_finalized when nobody pops (oldest dropped)
+UNREPORTED_ID = "\x00llmco2-unreported"  # ledger entry for work of requests already delivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +212,7 @@ class _Req:
     __slots__ = (
         "rid", "energy_j", "mass", "mass_sq", "mass_x_step", "busy_s", "snap_mass", "snap_sq",
         "snap_x", "snap_busy_s", "var_j2", "win_prev", "q_prev", "lost_j", "lost_mass",
-        "n_steps", "n_preemptions", "recompute_left", "kv_tokens", "last_step", "aborted",
+        "n_steps", "n_preemptions", "last_step", "aborted", "mass_share", "snap_share",
     )
 
     def __init__(self, rid: str, n_devices: int) -> None:
@@ -225,8 +233,8 @@ class _Req:
         self.lost_mass = 0.0
         self.n_steps = 0
         self.n_preemptions = 0
-        self.recompute_left = 0  # tokens still to recompute after a preemption
-        self.kv_tokens = 0  # tokens in its KV cache after its latest step
+        self.mass_share = 0.0  # sum over its steps of m_rs^2 / M_s (row-split uncertainty)
+        self.snap_share = [0.0] * n_devices
         self.last_step = -1  # number of its latest recorded step
         self.aborted = False
 
@@ -276,7 +284,11 @@ class EnergyAttributor:
 
         self._reqs: dict[str, _Req] = {}  # requests that had work and are not finished
         self._pending: dict[str, _Req] = {}  # finished, waiting for their windows to close
-        self._finalized: list[MeasuredEnergy] = []
+        self._finalized: deque[MeasuredEnergy] = deque(maxlen=_MAX_FINALIZED)
+        self.finalized_dropped = 0  # final values dropped because nobody popped them
+        self._recent_done: deque[str] = deque()
+        self._recent_done_set: set[str] = set()
+        self.late_rows_unreported = 0  # rows of already-delivered requests (unreported entry)
         # Cumulative sums over recorded steps (with work and time).
         self._n_steps = 0
         self._cum_busy_s = 0.0
@@ -294,8 +306,11 @@ class EnergyAttributor:
         t = float(clock())
         self._boundary_t = t  # latest on_step/poll time: clips the next step's start
         self._last_ok_read_t = t
-        n = len(reader.device_names())
+        self.device_names = list(reader.device_names())
+        n = len(self.device_names)
         self._n_devices = n
+        self.device_total_energy_j = [0.0] * n  # per device: counters' delta (closed windows)
+        self.device_idle_energy_j = [0.0] * n
         self._v_mj = [0] * n
         self._open_t = [t] * n
         self._open_delta_s = [self._update_period_s] * n  # baseline: update up to a period ago
@@ -310,6 +325,7 @@ class EnergyAttributor:
         self._window_avg_w: list[deque[tuple[float, bool]]] = [
             deque(maxlen=_IDLE_HISTORY) for _ in range(n)
         ]
+        self._idle_w_hist: list[deque[float]] = [deque(maxlen=_IDLE_WINDOWS_KEPT) for _ in range(n)]
         if idle_power_w is None:
             self._idle_fixed_w: list[float | None] = [None] * n
         elif isinstance(idle_power_w, (int, float)):
@@ -359,38 +375,47 @@ class EnergyAttributor:
 
     # ---------------------------------------------------------------- engine hooks
     def on_step(self, start_s: float, end_s: float, work: Sequence[ScheduledWork]) -> None:
-        """Record one finished engine step and read the counters once.
+        """Record one finished engine step and read the counters (see :meth:`record_step`)."""
+        self.record_step(start_s, end_s, [w.request_id for w in work],
+                         [w.phase == "prefill" for w in work], [w.weight for w in work])
 
-        Never raises for reader problems. Empty ``work`` counts as idle time.
+    def record_step(self, start_s: float, end_s: float, request_ids: Sequence[str],
+                    is_prefill: Sequence[bool], weights: Sequence[float], read: bool = True) -> None:
+        """Record one finished engine step (parallel sequences, one item per row) and read the
+        counters once (unless ``read`` is False: the caller rate-limits reads).
+
+        The hot path: no per-row objects. A row of a request that already finished but is still
+        waiting for its final value is *late work* (async scheduling: a request finishing in
+        step N is already in step N+1) and stays with that request; a row of a request whose
+        final value was already delivered goes to the explicit unreported entry
+        (:attr:`unreported_energy_j`), never to a new ledger entry. Empty rows count as idle time.
         """
         t = float(self._clock())
         t0 = start_s if start_s > self._boundary_t else self._boundary_t
         t1 = end_s if end_s < t else t
         dur = t1 - t0 if t1 > t0 else 0.0
         self._boundary_t = t
-        if work and dur > 0.0:  # a step with no time on the device gets no energy
+        n_rows = len(request_ids)
+        if n_rows and dur > 0.0:  # a step with no time on the device gets no energy
             wsum = 0.0
-            for w in work:
-                wsum += w.weight
+            for w in weights:
+                wsum += w
             if self._split_by_weight:
                 scale, step_m = 1.0, wsum
             else:
                 scale, step_m = dur / wsum, dur
+            inv_step_m = 1.0 / step_m
             reqs = self._reqs
-            n_dev = self._n_devices
             step_no = self._n_steps
             failed = self._failed
             lost_k = self._lost_k
-            for w in work:
-                req = reqs.get(w.request_id)
+            for i in range(n_rows):
+                rid = request_ids[i]
+                req = reqs.get(rid)
                 if req is None:
-                    req = reqs[w.request_id] = _Req(w.request_id, n_dev)
-                ph = _PREFILL if w.phase == "prefill" else _DECODE
-                if req.recompute_left > 0:
-                    ph = _PREFILL
-                    req.recompute_left -= w.n_tokens
-                req.kv_tokens = w.context_len + w.n_tokens
-                m = w.weight * scale
+                    req = self._entry_for(rid)
+                ph = _PREFILL if is_prefill[i] else _DECODE
+                m = weights[i] * scale
                 req.n_steps += 1
                 if failed:
                     req.lost_j[ph] += lost_k * m
@@ -399,6 +424,7 @@ class EnergyAttributor:
                     req.mass[ph] += m
                     req.mass_sq += m * m
                     req.mass_x_step += m * step_m
+                    req.mass_share += m * m * inv_step_m
                     req.busy_s += dur
                     req.last_step = step_no
             if not failed:
@@ -406,44 +432,66 @@ class EnergyAttributor:
                 self._cum_busy_s += dur
                 self._cum_mass += step_m
                 self._cum_mass_sq += step_m * step_m
-        elif work:
-            self._count_steps_only(work)
-        if not self._failed:
+        elif n_rows:
+            for rid in request_ids:
+                req = self._reqs.get(rid)
+                if req is None:
+                    req = self._entry_for(rid)
+                req.n_steps += 1
+        if read and not self._failed:
             self._read(t)
 
-    def _count_steps_only(self, work: Sequence[ScheduledWork]) -> None:
-        for w in work:
-            req = self._reqs.get(w.request_id)
-            if req is None:
-                req = self._reqs[w.request_id] = _Req(w.request_id, self._n_devices)
-            req.n_steps += 1
-            req.kv_tokens = w.context_len + w.n_tokens
-            if req.recompute_left > 0:
-                req.recompute_left -= w.n_tokens
+    def _entry_for(self, rid: str) -> _Req:
+        """Ledger entry for a row whose request is not live: late work of a finished request
+        (pending, or already delivered -> unreported), else a new request."""
+        req = self._pending.get(rid)
+        if req is not None:
+            return req
+        if rid in self._recent_done_set:
+            unrep = self._reqs.get(UNREPORTED_ID)
+            if unrep is None:
+                unrep = self._reqs[UNREPORTED_ID] = _Req(UNREPORTED_ID, self._n_devices)
+            self.late_rows_unreported += 1
+            return unrep
+        req = self._reqs[rid] = _Req(rid, self._n_devices)
+        return req
 
     def poll(self) -> None:
-        """Read the counters with no work. Call it while the engine idles (e.g. before the first
-        step after an idle spell): it closes windows sooner and teaches the idle floor."""
+        """Read the counters with no work. Call it while the engine idles (an idle poller at a
+        bounded rate): it closes windows, delivers final values and measures idle power."""
         t = float(self._clock())
         self._boundary_t = t
         if not self._failed:
             self._read(t)
 
+    def read_now(self) -> None:
+        """Read the counters without recording a step (after record_step(read=False))."""
+        if not self._failed:
+            self._read(float(self._clock()))
+
     def on_preempted(self, request_id: str) -> None:
-        """The request lost its KV cache: its next ``kv_tokens`` tokens of work are recompute,
-        charged as prefill whatever phase they are labelled with."""
+        """The request lost its KV cache. Counted only: the recompute's phase is decided by the
+        token positions of the rows (prompt positions are prefill, later ones decode), so a
+        resumed request that hits the prefix cache is charged for what it really recomputes."""
         req = self._reqs.get(request_id)
+        if req is not None:
+            req.n_preemptions += 1
+
+    def peek(self, request_id: str) -> MeasuredEnergy:
+        """The current (non-final) value of a live request, without finishing it."""
+        req = self._reqs.get(request_id) or self._pending.get(request_id)
         if req is None:
-            return  # never ran: nothing to recompute
-        req.n_preemptions += 1
-        req.recompute_left = req.kv_tokens
-        req.kv_tokens = 0
+            req = _Req(request_id, self._n_devices)
+        return self._result(req, final=False)
 
     def on_finished(self, request_id: str, aborted: bool = False) -> MeasuredEnergy:
         """The request left the engine (finished or aborted). Returns at once: the open-window
         part is estimated (``final=False``); the final value comes via pop_finalized/on_final."""
         req = self._reqs.pop(request_id, None)
         if req is None:
+            req = self._pending.get(request_id)
+            if req is not None:  # finished twice: keep the first
+                return self._result(req, final=False)
             req = _Req(request_id, self._n_devices)  # never scheduled: 0 J
         req.aborted = aborted
         if self._failed or req.last_step < self._min_snap_steps():
@@ -455,7 +503,32 @@ class EnergyAttributor:
 
     def pop_finalized(self) -> list[MeasuredEnergy]:
         """Final values of finished requests delivered since the last call (each once)."""
-        out, self._finalized = self._finalized, []
+        out = list(self._finalized)
+        self._finalized.clear()
+        return out
+
+    @property
+    def unreported_energy_j(self) -> float:
+        """Closed-window energy of work whose request had already been delivered, joules."""
+        unrep = self._reqs.get(UNREPORTED_ID)
+        return unrep.energy_j[0] + unrep.energy_j[1] if unrep is not None else 0.0
+
+    @property
+    def live_requests(self) -> int:
+        """Ledger entries of unfinished requests (the unreported entry excluded)."""
+        return len(self._reqs) - (UNREPORTED_ID in self._reqs)
+
+    @property
+    def pending_requests(self) -> int:
+        """Finished requests waiting for their windows to close."""
+        return len(self._pending)
+
+    def idle_power_w(self) -> list[float | None]:
+        """Idle power per device measured from fully idle windows (median), None until seen."""
+        out: list[float | None] = []
+        for d in range(self._n_devices):
+            p, known = self._idle_floor_w(d)
+            out.append(p if known else None)
         return out
 
     # ---------------------------------------------------------------- internals
@@ -513,6 +586,10 @@ class EnergyAttributor:
         fixed = self._idle_fixed_w[d]
         if fixed is not None:
             return fixed, True
+        idle = self._idle_w_hist[d]
+        if len(idle) >= 2:  # measured: median of fully idle windows (robust to one odd window)
+            ordered = sorted(idle)
+            return ordered[len(ordered) // 2], True
         hist = self._window_avg_w[d]
         if not hist:
             return None, False
@@ -537,10 +614,14 @@ class EnergyAttributor:
         win_no = self._win_no[d] + 1
         self._win_no[d] = win_no
         self._total_j += de_j
+        self.device_total_energy_j[d] += de_j
         if n_win_steps <= 0 or busy_s <= 0.0 or mass <= 0.0:
             self._idle_j += de_j
+            self.device_idle_energy_j[d] += de_j
             if dur_win > 0.0:
                 self._window_avg_w[d].append((p_avg_w, True))
+                if n_win_steps <= 0:  # no step at all: a clean idle-power sample
+                    self._idle_w_hist[d].append(p_avg_w)
         else:
             e_idle = 0.0
             f_split = 0.0
@@ -589,6 +670,11 @@ class EnergyAttributor:
                         if uncovered * e_rw > spread_j:
                             spread_j = uncovered * e_rw
                     req.snap_busy_s[d] = req.busy_s
+                    # Row split inside its steps: sum_s m_rs (1 - m_rs / M_s) is the mass it
+                    # shared with other rows; the weights that split it are uncertain.
+                    shared_m = m_rw - (req.mass_share - req.snap_share[d])
+                    req.snap_share[d] = req.mass_share
+                    row_split_j = _ROW_SPLIT_REL_ERROR * k * shared_m if shared_m > 0.0 else 0.0
                     q = e_rw * inv_de
                     v = req.var_j2[d]
                     if req.win_prev[d] == prev_no:  # replace the provisional closing term
@@ -598,11 +684,12 @@ class EnergyAttributor:
                         v += (eps_open * q) ** 2
                     v += (eps_close * q) ** 2  # provisional: as if absent from the next window
                     x = e_rw * split_rel + spread_j
-                    v += x * x
+                    v += x * x + row_split_j * row_split_j
                     req.var_j2[d] = v if v > 0.0 else 0.0
                     req.win_prev[d] = win_no
                     req.q_prev[d] = q
             self._idle_j += e_idle
+            self.device_idle_energy_j[d] += e_idle
             self._attributed_j += e_busy
             self._k[d] = k
             self._window_avg_w[d].append((p_avg_w, False))
@@ -645,6 +732,14 @@ class EnergyAttributor:
             self._deliver(self._result(req, final=True))
 
     def _deliver(self, result: MeasuredEnergy) -> None:
+        rid = result.request_id
+        if rid not in self._recent_done_set:
+            self._recent_done.append(rid)
+            self._recent_done_set.add(rid)
+            if len(self._recent_done) > _RECENT_DONE:
+                self._recent_done_set.discard(self._recent_done.popleft())
+        if len(self._finalized) == self._finalized.maxlen:
+            self.finalized_dropped += 1
         self._finalized.append(result)
         if self._on_final is not None:
             self._on_final(result)

@@ -6,6 +6,9 @@ scheduler's step boundaries (``hooks/engine_core.py``); it is independent of vLL
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,14 +17,13 @@ import numpy as np
 
 from .attribution import EnergyAttributor, MeasuredEnergy, ScheduledWork
 from .gpu_energy import EnergyReader
+from .step_costs import StepCostModel
 
 __all__ = ["EngineMeter", "StepRow"]
 
+logger = logging.getLogger(__name__)
+
 StepRow = tuple[str, str, int, int]  # (request_id, "prefill"|"decode", n_tokens, context_len before)
-
-
-_DECODE_CONTEXT_MAX = 1 << 21  # tokens of context the decode-cost table covers (beyond: extrapolated flat)
-_DECODE_GRID_POINTS = 160
 
 
 class EngineMeter:
@@ -29,20 +31,38 @@ class EngineMeter:
 
     Call :meth:`step_started` when a step was scheduled (its rows) and :meth:`step_finished`
     with the same key when its compute is done; the step's interval and its work go to the
-    attributor. Weights are the predictor's relative step costs (Roofline time of each
-    request's new tokens at its context length), or the token count while no predictor is set.
-    Not thread-safe except :meth:`set_predictor`: call the rest from the engine's step thread.
+    attributor. Row weights: each row's own cost plus an even share of the step's shared weight
+    reads (:class:`~llmco2_serve.step_costs.StepCostModel`), or the token count while no
+    predictor is set.
+
+    Async scheduling: vLLM schedules step N+1 before step N's output is processed, so a request
+    that finishes in step N (or is aborted) may still be in a step that is in flight. Its finish
+    is then *deferred* until the last in-flight step holding it has finished; :meth:`finished`
+    returns the value so far (``final=False``) at once. Final values of every finished request
+    come out exactly once through :meth:`pop_final`.
+
+    Thread-safe: one lock around the attributor, so an idle poller thread may call
+    :meth:`idle_tick` while the engine thread steps (uncontended on the step path).
     """
 
     def __init__(self, reader: EnergyReader, predictor: Any = None, *,
-                 clock: Callable[[], float] = time.monotonic, **attributor_kwargs: Any) -> None:
+                 clock: Callable[[], float] = time.monotonic, min_read_interval_s: float | None = None,
+                 **attributor_kwargs: Any) -> None:
         self.reader = reader
         self.predictor: Any = None
         self._clock = clock
+        self._lock = threading.Lock()
         self.attributor = EnergyAttributor(reader, clock, **attributor_kwargs)
-        self._open: dict[Any, tuple[float, list[StepRow]]] = {}
-        self._decode_table: tuple[np.ndarray, np.ndarray] | None = None
+        # Reads closer together than this add no information (the counter moves once per
+        # update period) but cost one NVML call per GPU: rate-limit them on the step path.
+        period = float(getattr(reader, "update_period_s", 0.0) or 0.0)
+        self.min_read_interval_s = (period / 10.0 if min_read_interval_s is None else float(min_read_interval_s))
+        self._last_read_t = -math.inf
+        self._open: dict[Any, tuple[float, list[StepRow], frozenset[str]]] = {}
+        self._deferred: dict[str, bool] = {}  # finished while in a step in flight -> aborted flag
+        self._costs: StepCostModel | None = None
         self.steps = 0
+        self.last_activity_t = float(clock())
         if predictor is not None:
             self.set_predictor(predictor)
 
@@ -51,50 +71,124 @@ class EngineMeter:
         return self.attributor.source
 
     def set_predictor(self, predictor: Any) -> None:
-        # Decode rows (one token) dominate steps; their cost is piecewise linear in the context, so a
-        # table built once replaces a graph evaluation per step (the step loop's hot path).
-        grid = np.concatenate([[0.0], np.geomspace(1.0, float(_DECODE_CONTEXT_MAX), _DECODE_GRID_POINTS)])
-        costs = np.asarray(predictor.step_costs(np.ones_like(grid), grid), dtype=float).reshape(-1)
-        self._decode_table = (grid, costs) if bool(np.all(np.isfinite(costs) & (costs > 0))) else None
+        try:
+            costs: StepCostModel | None = StepCostModel.from_predictor(predictor)
+        except Exception as e:  # noqa: BLE001 - weights fall back to token counts, never break the engine
+            logger.warning("llmco2: no step costs from the predictor (%s: %s); rows weighted by tokens",
+                           type(e).__name__, e)
+            costs = None
+        ok = costs is not None and all(math.isfinite(x) and x >= 0 for x in (
+            *costs.own_coef_s, costs.head_row_s, costs.shared_s)) and costs.decode_row_s(0) > 0
+        self._costs = costs if ok else None
         self.predictor = predictor  # one reference swap: safe from another thread
 
     def weights(self, rows: Sequence[StepRow]) -> list[float]:
-        """Relative cost of each row (finite, > 0)."""
-        p, table = self.predictor, self._decode_table
-        if p is not None and table is not None:
-            n = np.fromiter((r[2] for r in rows), float, len(rows))
-            ctx = np.fromiter((r[3] for r in rows), float, len(rows))
-            c = np.interp(ctx, table[0], table[1])
-            multi = n > 1
-            if multi.any():
-                c[multi] = np.asarray(p.step_costs(n[multi], ctx[multi]), dtype=float).reshape(-1)
-            if bool(np.all(np.isfinite(c) & (c > 0))):
-                return c.tolist()
+        """Relative cost of each row (finite, > 0): own cost + shared cost / rows."""
+        costs = self._costs
+        n_rows = len(rows)
+        if costs is None or not n_rows:
+            return [float(max(1, r[2])) for r in rows]
+        decode_row_s = costs.decode_row_s
+        out = [0.0] * n_rows
+        multi = []
+        total_tokens = 0
+        for i, r in enumerate(rows):
+            n = r[2]
+            total_tokens += n
+            if n == 1:
+                out[i] = decode_row_s(r[3])
+            else:
+                multi.append(i)
+        if multi:
+            c = costs.rows_s([rows[i][2] for i in multi], [rows[i][3] for i in multi])
+            for j, i in enumerate(multi):
+                out[i] = float(c[j])
+        share = costs.shared_step_s(total_tokens) / n_rows
+        out = [x + share for x in out]
+        if all(x > 0 and math.isfinite(x) for x in out):
+            return out
         return [float(max(1, r[2])) for r in rows]
 
     def step_started(self, key: Any, rows: Sequence[StepRow]) -> None:
         """A step was scheduled (``rows``: its work); its compute starts now."""
         if rows:
-            self._open[key] = (self._clock(), list(rows))
+            rows = list(rows)
+            self._open[key] = (self._clock(), rows, frozenset(r[0] for r in rows))
 
     def step_finished(self, key: Any) -> None:
         """The step ``key`` finished computing: attribute the energy read now."""
         item = self._open.pop(key, None)
-        if item is None:
-            self.attributor.poll()
-            return
-        start, rows = item
-        w = self.weights(rows)
-        work = [ScheduledWork(r[0], r[1], max(1, int(r[2])), max(0, int(r[3])), wi)  # type: ignore[arg-type]
-                for r, wi in zip(rows, w)]
-        self.attributor.on_step(start, self._clock(), work)
-        self.steps += 1
+        now = self._clock()
+        with self._lock:
+            self.last_activity_t = now
+            if item is None:
+                self._maybe_read(now, force=False, poll=True)
+                return
+            start, rows, rids = item
+            w = self.weights(rows)
+            read = now - self._last_read_t >= self.min_read_interval_s
+            if read:
+                self._last_read_t = now
+            self.attributor.record_step(start, now, [r[0] for r in rows], [r[1] == "prefill" for r in rows],
+                                        w, read=read)
+            self.steps += 1
+            if self._deferred:
+                for rid in [r for r in self._deferred if r in rids]:
+                    if not any(rid in o[2] for o in self._open.values()):
+                        self.attributor.on_finished(rid, aborted=self._deferred.pop(rid))
+
+    def _maybe_read(self, now: float, force: bool, poll: bool) -> None:
+        if force or now - self._last_read_t >= self.min_read_interval_s:
+            self._last_read_t = now
+            if poll:
+                self.attributor.poll()
+            else:
+                self.attributor.read_now()
 
     def preempted(self, request_id: str) -> None:
-        self.attributor.on_preempted(request_id)
+        with self._lock:
+            self.attributor.on_preempted(request_id)
 
     def finished(self, request_id: str, aborted: bool = False) -> MeasuredEnergy:
-        return self.attributor.on_finished(request_id, aborted=aborted)
+        """The request left the scheduler. Returns its value so far; deferred while a step in
+        flight still holds it (async scheduling, aborts before the step's output)."""
+        with self._lock:
+            for o in self._open.values():
+                if request_id in o[2]:
+                    self._deferred[request_id] = aborted
+                    m = self.attributor.peek(request_id)
+                    return MeasuredEnergy(**{**m.__dict__, "aborted": aborted})
+            return self.attributor.on_finished(request_id, aborted=aborted)
+
+    def in_flight(self) -> bool:
+        return bool(self._open)
+
+    def idle_tick(self, idle_after_s: float = 0.05) -> bool:
+        """Read the counters if no step is in flight and none finished for ``idle_after_s``
+        (called by an idle poller at a bounded rate). Returns whether it read."""
+        now = self._clock()
+        if self._open or now - self.last_activity_t < idle_after_s:
+            return False
+        with self._lock:
+            if self._open:
+                return False
+            self._last_read_t = now
+            self.attributor.poll()
+        return True
+
+    def pop_final(self) -> list[MeasuredEnergy]:
+        """Final values of finished requests since the last call (each request exactly once)."""
+        with self._lock:
+            return self.attributor.pop_finalized()
+
+    def totals(self) -> dict[str, Any]:
+        """Cumulative energy books of this engine's devices (closed windows), joules."""
+        with self._lock:
+            a = self.attributor
+            return {"total_j": a.total_energy_j, "idle_j": a.idle_energy_j, "attributed_j": a.attributed_energy_j,
+                    "unreported_j": a.unreported_energy_j, "per_device_total_j": list(a.device_total_energy_j),
+                    "per_device_idle_j": list(a.device_idle_energy_j), "devices": a.device_names,
+                    "live": a.live_requests, "pending": a.pending_requests}
 
     def close(self) -> None:
         self.reader.close()

@@ -190,20 +190,21 @@ def test_step_split_by_weight_follows_predicted_step_energy():
     assert (p.energy_j, d.energy_j) == pytest.approx((22.5, 7.5))
 
 
-def test_preempted_request_recompute_is_charged_as_prefill():
+def test_preempted_request_phases_follow_the_rows_not_a_recompute_countdown():
+    """Issue 6.7: a resumed request that hits the prefix cache recomputes only what missed it.
+    The rows carry the phase by token position (hooks/engine_core.step_rows); the attributor
+    must charge exactly that, whatever the preemption count says."""
     clock, _, att = make(100.0)  # 20 ms steps alone: 2 J each
     schedule = [
-        work("a", "prefill", 100, 0),  # KV: 100
+        work("a", "prefill", 100, 0),  # prompt of 100 tokens
         work("a", "decode", 1, 100),
         work("a", "decode", 1, 101),  # KV: 102, then preempted
         None,
-        work("a", "prefill", 60, 0),  # recompute, chunk 1
-        work("a", "decode", 42, 60),  # recompute chunk 2, mislabelled: still prefill
-        work("a", "decode", 1, 102),  # real decode again
+        # resumed: positions 0-95 hit the prefix cache; 96-99 are prompt (prefill), 100-101 decode
+        work("a", "prefill", 4, 96),
+        work("a", "decode", 2, 100),
+        work("a", "decode", 1, 102),
         work("a", "decode", 1, 103),
-        work("a", "decode", 1, 104),
-        work("a", "decode", 1, 105),
-        work("a", "decode", 1, 106),
     ]
     t = 0.0
     for item in schedule:
@@ -212,11 +213,11 @@ def test_preempted_request_recompute_is_charged_as_prefill():
             continue
         step(att, clock, t, t + 0.02, [item])
         t += 0.02
+    poll_at(att, clock, 0.3)  # the windows holding its steps close
     m = att.on_finished("a")
-    assert m.n_preemptions == 1 and m.n_steps == 10 and m.final
-    assert m.prefill_energy_j == pytest.approx(3 * 2.0)
-    assert m.decode_energy_j == pytest.approx(7 * 2.0)
-
+    assert m.n_preemptions == 1 and m.n_steps == 7 and m.final
+    assert m.prefill_energy_j == pytest.approx(2 * 2.0)
+    assert m.decode_energy_j == pytest.approx(5 * 2.0)
 
 def test_aborted_and_never_scheduled_requests():
     clock, _, att = make(200.0)
@@ -346,11 +347,13 @@ def test_short_request_uncertainty_is_of_the_order_of_its_estimate():
     # sqrt(5 steps x (2 x (0.01 - 0.2 x 0.02)^2 + 3 x (0.2 x 0.02)^2)) s = 3.674 J, larger
     # than the resolution term 6 J x (1 - 0.04 s / 0.1 s) = 3.6 J
     x_step = 0.5 * 300 * math.sqrt(5 * (2 * 0.006**2 + 3 * 0.004**2))
-    assert short.uncertainty_j == pytest.approx(math.sqrt(1.2**2 + 1.2**2 + x_step**2))
+    # row split: in its 2 steps it shares 0.01 s of mass with "long" each: 0.3 x 300 W x 0.01 s
+    x_rows = 0.3 * 300 * 2 * (0.01 - 0.01**2 / 0.02)
+    assert short.uncertainty_j == pytest.approx(math.sqrt(1.2**2 + 1.2**2 + x_step**2 + x_rows**2))
     assert short.uncertainty_j / short.energy_j > 0.5
     # long: baseline 30 J, last boundary 6 J; the short one's window: 2 x 6 J x 0.2 and the
     # same step term (its share deviates from 0.8 by the same amounts)
-    assert long_.uncertainty_j == pytest.approx(math.sqrt(30**2 + 6**2 + 2 * 1.2**2 + x_step**2))
+    assert long_.uncertainty_j == pytest.approx(math.sqrt(30**2 + 6**2 + 2 * 1.2**2 + x_step**2 + x_rows**2))
     assert long_.uncertainty_j / long_.energy_j < 0.06
 
 
@@ -381,7 +384,8 @@ def test_gpu_lost_mid_run_marks_partial_and_unavailable_and_never_raises():
     # measured: window (0, 0.1] 15 J each; lost at 300 W: a 0.04 s (0.1-0.16) + 0.04 s after
     assert a.final and a.source == "fake-partial"
     assert a.energy_j == pytest.approx(15.0 + 24.0) and a.estimated_energy_j == pytest.approx(24.0)
-    closed_u = math.hypot(30.0 * 0.5, 6.0 * 0.5)  # window 1 boundaries, a's share 0.5
+    # window 1 boundaries (a's share 0.5) and the row split of 5 shared steps (0.3 x 300 W x 5 x 0.005 s)
+    closed_u = math.sqrt((30.0 * 0.5) ** 2 + (6.0 * 0.5) ** 2 + (0.3 * 300 * 5 * 0.005) ** 2)
     assert a.uncertainty_j == pytest.approx(closed_u + 24.0)
     finals = {m.request_id: m for m in att.pop_finalized()}
     c = finals["c"]  # pending when the GPU was lost: delivered final then
