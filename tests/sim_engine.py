@@ -725,10 +725,16 @@ class Simulation:
             self.duplicates += 1
         o.finals.append(m)
 
-    def run(self, requests: Sequence[SimRequest], *, drain_s: float = 2.0,
+    def run(self, requests: Sequence[SimRequest], *, drain_s: float = 2.0, warmup_idle_s: float = 1.0,
             max_sim_s: float = 1e6) -> SimResult:
+        """Serve ``requests`` (their times are shifted by ``warmup_idle_s``: a server is idle,
+        with its idle poller running, between start-up and its first request), then idle for
+        ``drain_s`` so that every counter window closes."""
         wall = time.perf_counter()
         for r in requests:
+            r.arrival_s += warmup_idle_s
+            if r.abort_at_s is not None:
+                r.abort_at_s += warmup_idle_s
             self.requests[r.rid] = r
             self.outcomes[r.rid] = Outcome(r.rid, -1, r.prompt_len, r.output_len)
 
