@@ -56,12 +56,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _warn_to_stderr(command: str):
+    """Data warnings (e.g. rows cut off by a crashed writer, skipped) go to stderr, never lost."""
+    return lambda message: print(f"llmco2 {command}: warning: {message}", file=sys.stderr)
+
+
 def cmd_eval(args) -> int:
     from .predictors.dataset import samples_from_records
     from .predictors.evaluate import evaluate, leave_one_architecture_out
     from .records import load_records
 
-    records = load_records(args.data)
+    records = load_records(args.data, warn=_warn_to_stderr("eval"))
     samples = samples_from_records(records)
     if args.loao:
         predicted, _ = leave_one_architecture_out(samples, args.predictor, seed=args.seed)
@@ -77,7 +82,7 @@ def cmd_eval(args) -> int:
     else:
         from .predictors.baselines import make_predictor
 
-        train = samples_from_records(load_records(args.train or packaged_training_data()))
+        train = samples_from_records(load_records(args.train or packaged_training_data(), warn=_warn_to_stderr("eval")))
         predicted = make_predictor(args.predictor, seed=args.seed).fit(train).predict(samples)
         protocol = f"fitted on {args.train or 'the packaged training data'}"
     result = evaluate(predicted, samples)
@@ -109,7 +114,7 @@ def cmd_train(args) -> int:
     from .records import load_records
 
     data = args.data or packaged_training_data()
-    records = load_records(data)
+    records = load_records(data, warn=_warn_to_stderr("train"))
     config = TrainConfig(epochs=args.epochs, seed=args.seed)
     accuracy = {}
     if args.accuracy_json:  # benchmarks/accuracy.py --json output: keep the GNN's held-out numbers

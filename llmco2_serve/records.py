@@ -2,16 +2,22 @@
 
 One object per line: ``model``, ``arch`` (HF config fields), ``dtype``, ``gpu``, ``n_gpu``,
 ``batch``, ``prompt_len``, ``gen_tokens``, phase energies/times. A malformed row raises
-:class:`RecordError` naming the file and line; nothing is dropped silently.
+:class:`RecordError` naming the file and line; nothing is dropped silently (a row cut off by a
+crashed writer is skipped with a counted warning, :func:`load_records`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
 
 REQUIRED = ("model", "arch", "dtype", "gpu", "n_gpu", "batch", "prompt_len", "gen_tokens", "request_energy_j")
 
@@ -92,22 +98,100 @@ def parse_record(row: Any, where: str, line: int = 0) -> EnergyRecord:
     )
 
 
-def load_records(path: str | os.PathLike) -> list[EnergyRecord]:
+def load_records(path: str | os.PathLike, *, warn: Callable[[str], None] | None = None) -> list[EnergyRecord]:
+    """Every record in ``path``. A malformed line raises :class:`RecordError` naming its line.
+
+    One kind of bad line is skipped instead, each counted in one warning (``warn``, default the
+    module logger): a row *cut off* by a crash, i.e. a strict prefix of a well-formed JSON object
+    (see :func:`is_cut_off_row`). That is the file's final line when the writer died mid-row, or a
+    line a later :class:`~llmco2_serve.pairs.PairsWriter` ended with a newline before appending
+    (its repair). Any other invalid line, anywhere, is an error.
+    """
     path = os.fspath(path)
     out: list[EnergyRecord] = []
-    with open(path, encoding="utf-8") as f:
-        for i, text in enumerate(f, start=1):
+    skipped: list[int] = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            where = f"{path}:{i}"
+            final_unterminated = not raw.endswith(b"\n")  # only the last line can lack its newline
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if final_unterminated:  # cut inside a multi-byte character
+                    text = raw[: e.start].decode("utf-8", errors="replace")
+                else:
+                    raise RecordError(f"{where}: not valid UTF-8 ({e.reason})") from e
             if not text.strip():
                 continue
-            where = f"{path}:{i}"
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
+                if is_cut_off_row(text):
+                    skipped.append(i)
+                    continue
                 raise RecordError(f"{where}: not valid JSON ({e.msg})") from e
             out.append(parse_record(row, where, i))
+    if skipped:
+        lines = ", ".join(str(n) for n in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        (warn or logger.warning)(
+            f"{path}: skipped {len(skipped)} row(s) cut off mid-line (a writer crashed), line(s) {lines}")
     if not out:
-        raise RecordError(f"{path}: no records")
+        raise RecordError(f"{path}: no records" + (f" ({len(skipped)} cut-off row(s) skipped)" if skipped else ""))
     return out
+
+
+_OPEN_TAIL = re.compile(r"""
+    \s*(?:,\s*)?                          # the comma before the next member, if it was written
+    (?:"(?:[^"\\]|\\.)*\\?               # a key or a string value, possibly unterminated
+       (?:"\s*(?::\s*(?:{value})?)?)?     # its end, the colon, the start of the value
+     | {value}                             # (in an array) the start of a value
+    )?\s*$""".replace("{value}", r"""(?:"(?:[^"\\]|\\.)*\\?"?|-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?|t(?:r(?:ue?)?)?|f(?:a(?:l(?:se?)?)?)?|n(?:u(?:ll?)?)?)"""),
+    re.VERBOSE)
+
+
+def is_cut_off_row(text: str) -> bool:
+    """True when ``text`` (one line) is a strict prefix of a JSON object: what is left of a row
+    whose writer died mid-line. Its complete members must parse and what follows must be the
+    start of a member, so a malformed line (``{not json``, ``{"a": 1}}``) is not mistaken for one."""
+    t = text.rstrip("\r\n")
+    if not t.lstrip().startswith("{"):
+        return False
+    stack: list[str] = []
+    cuts: list[tuple[int, tuple[str, ...]]] = []  # positions where t[:pos] + closers is complete
+    in_string = escape = False
+    for pos, ch in enumerate(t):
+        if in_string:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+            cuts.append((pos + 1, tuple(stack)))
+        elif ch in "}]":
+            if not stack or stack.pop() != ch:
+                return False  # a closing bracket that does not match: malformed, not cut off
+            if not stack:
+                return False  # the object closed, so the line is complete (and invalid elsewhere)
+            cuts.append((pos + 1, tuple(stack)))
+        elif ch == "," and stack:
+            cuts.append((pos, tuple(stack)))
+    if not stack:
+        return False
+    pos, open_ = cuts[-1]
+    tail = t[pos:]
+    if not _OPEN_TAIL.match(tail) or (t[pos - 1] in "{[" and tail.lstrip().startswith(",")):
+        return False
+    try:
+        doc = json.loads(t[:pos] + "".join(reversed(open_)))
+    except json.JSONDecodeError:
+        return False
+    return isinstance(doc, dict)
 
 
 def write_records(path: str | os.PathLike, rows: Iterable[dict]) -> None:
