@@ -372,6 +372,7 @@ class SimEngine:
         self.keep_steps = sim.keep_steps
         self.step_log: list[StepRecord] = []
         self.max_sizes: dict[str, int] = {}
+        self.cost_samples: list[tuple[int, float]] = []  # (steps, meter seconds) along the run
         self._idle_f = sum(d.idle_w for d in devices)
         self._factor = sum(d.factor for d in devices) / len(devices)
 
@@ -645,6 +646,7 @@ class SimEngine:
     def _sample_sizes(self) -> None:
         if self.updates % 64:
             return
+        self.cost_samples.append((self.n_steps, self.meter_s))
         for owner, obj in (("meter", self.meter), ("attributor", self.meter.attributor)):
             for name, v in vars(obj).items():
                 if isinstance(v, (dict, list, deque, set)):
@@ -654,6 +656,15 @@ class SimEngine:
 
 
 # ----------------------------------------------------------------------------- simulation
+def _first_last_us(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    if len(samples) < 8:
+        return float("nan"), float("nan")
+    q = len(samples) // 4
+    (s0, c0), (s1, c1) = samples[0], samples[q]
+    (s2, c2), (s3, c3) = samples[-1 - q], samples[-1]
+    return (c1 - c0) / max(1, s1 - s0) * 1e6, (c3 - c2) / max(1, s3 - s2) * 1e6
+
+
 @dataclass
 class EngineStats:
     index: int
@@ -669,6 +680,7 @@ class EngineStats:
     ghosts: int  # entries keyed by ids of finished requests left in the meter's dicts
     max_sizes: dict[str, int]
     final_sizes: dict[str, int]
+    meter_us_first_last: tuple[float, float]  # per step over the first and last quarter of steps
 
 
 @dataclass
@@ -781,7 +793,8 @@ class Simulation:
                 e.index, e.n_steps, a.total_energy_j, a.idle_energy_j, a.attributed_energy_j,
                 float(getattr(a, "unreported_energy_j", 0.0) or 0.0), e.reader.counters_delta_j(),
                 sum(d.true_energy_j(t_last) for d in e.devices),
-                e.meter_s / max(1, e.n_steps) * 1e6, e.idle_ticks, ghosts, dict(e.max_sizes), final_sizes))
+                e.meter_s / max(1, e.n_steps) * 1e6, e.idle_ticks, ghosts, dict(e.max_sizes), final_sizes,
+                _first_last_us(e.cost_samples)))
         return SimResult(list(self.outcomes.values()), stats, self.duplicates, self.unknown_finals,
                          self.clock(), time.perf_counter() - wall, [e.step_log for e in self.engines])
 
@@ -834,6 +847,15 @@ def summarize(res: SimResult) -> dict:
         "coverage_1x": cov, "median_rel_u": rel_u,
         "first_final_share": (sum(1 for m in firsts if m.final) / len(firsts)) if firsts else float("nan"),
         "ghosts": sum(e.ghosts for e in res.engines),
+        "idle_err": sum(e.idle_energy_j - (e.counters_delta_j - sum(o.truth_j for o in outs if o.engine == e.index))
+                        for e in res.engines) / max(1e-9, sum(e.total_energy_j for e in res.engines)),
+        "conservation_err_j": max(abs(sum(o.final.energy_j for o in outs if o.final is not None and o.engine == e.index
+                                          and o.final.energy_j == o.final.energy_j)
+                                      + e.idle_energy_j + e.unreported_energy_j - e.total_energy_j)
+                                  for e in res.engines),
+        "unreported_j": sum(e.unreported_energy_j for e in res.engines),
+        "meter_us_first": float(np.nanmean([e.meter_us_first_last[0] for e in res.engines])),
+        "meter_us_last": float(np.nanmean([e.meter_us_first_last[1] for e in res.engines])),
         "duplicates": res.duplicates,
         "meter_us_per_step": float(np.mean([e.meter_us_per_step for e in res.engines])),
         "steps": sum(e.steps for e in res.engines),
