@@ -343,15 +343,15 @@ class SimEngine:
     """One engine core (one DP rank): scheduler, GPU timeline over its TP devices, meter."""
 
     def __init__(self, sim: Simulation, index: int, cfg: EngineConfig, devices: list[SimDevice],
-                 predictor: Any, rng: np.random.Generator) -> None:
+                 predictor: Any, rng: np.random.Generator, read_devices: list[SimDevice] | None = None) -> None:
         self.sim = sim
         self.index = index
         self.cfg = cfg
-        self.devices = devices
+        self.devices = devices  # where its steps run
         self.rng = rng
         self.pm = sim.pm
         clock = sim.clock
-        self.reader = SimEnergyReader(devices, clock)
+        self.reader = SimEnergyReader(devices if read_devices is None else read_devices, clock)
         self.meter = EngineMeter(self.reader, predictor, clock=clock, **cfg.attributor_kwargs)
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
@@ -698,7 +698,11 @@ class Simulation:
     """A node: ``dp`` engine cores, each over its own ``tp`` devices, one simulated clock."""
 
     def __init__(self, cfg: EngineConfig | None = None, *, dp: int = 1, predictor: Any = None,
-                 pm: PowerModel | None = None, seed: int = 0, keep_steps: bool = False) -> None:
+                 pm: PowerModel | None = None, seed: int = 0, keep_steps: bool = False,
+                 read_indices: Callable[[int], Sequence[int]] | None = None) -> None:
+        """Engine ``e``'s steps run on node devices ``e*tp .. e*tp+tp-1`` (vLLM's gpu_worker:
+        ``dp_local_rank * world_size + local_rank``); its meter reads those, or the node devices
+        ``read_indices(e)`` when given (to check a device-selection rule)."""
         self.cfg = cfg or EngineConfig()
         self.pm = pm or PowerModel()
         self.clock = ManualClock(0.0)
@@ -722,7 +726,10 @@ class Simulation:
                 self.rng.uniform(*c.update_period_s), c.period_jitter,
                 self.rng.uniform(0.0, c.update_period_s[1]), 0.0, np.random.default_rng(seed * 1000 + i + 1)))
         self.engines = [SimEngine(self, e, c, self.node_devices[e * c.tp:(e + 1) * c.tp], predictor,
-                                  np.random.default_rng(seed * 7919 + e)) for e in range(dp)]
+                                  np.random.default_rng(seed * 7919 + e),
+                                  None if read_indices is None
+                                  else [self.node_devices[i] for i in read_indices(e)])
+                        for e in range(dp)]
 
     def at(self, t: float, fn: Callable[[], None]) -> None:
         self._seq += 1
@@ -792,7 +799,7 @@ class Simulation:
             stats.append(EngineStats(
                 e.index, e.n_steps, a.total_energy_j, a.idle_energy_j, a.attributed_energy_j,
                 float(getattr(a, "unreported_energy_j", 0.0) or 0.0), e.reader.counters_delta_j(),
-                sum(d.true_energy_j(t_last) for d in e.devices),
+                sum(d.true_energy_j(t_last) for d in e.reader.devices),
                 e.meter_s / max(1, e.n_steps) * 1e6, e.idle_ticks, ghosts, dict(e.max_sizes), final_sizes,
                 _first_last_us(e.cost_samples)))
         return SimResult(list(self.outcomes.values()), stats, self.duplicates, self.unknown_finals,
