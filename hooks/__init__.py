@@ -2,8 +2,11 @@
 
 ``register_general_plugin`` is the ``vllm.general_plugins`` entry point. vLLM calls it once in
 each of its processes (API server, engine core, workers; under ``fork`` the engine core
-inherits the API server's patches instead). It validates the settings, checks the vLLM version
-and applies the patches of the ledger in ``_patches.py``, each on its own and fail-open.
+inherits the API server's patches instead). It validates the settings, runs the start-up checks
+of ``llmco2_serve.preflight`` (energy reader, pairs path: with ``LLMCO2_FAIL_OPEN=0`` a problem
+stops vLLM here, before the model loads; otherwise each is logged once and only that feature is
+off), checks the vLLM version and applies the patches of the ledger in ``_patches.py``, each on
+its own and fail-open.
 Nothing happens at import.
 """
 
@@ -22,10 +25,24 @@ def register_general_plugin() -> None:
     cannot start (bad settings, a broken install) logs one line and leaves vLLM untouched."""
     try:
         _register()
-    except Exception:  # noqa: BLE001 - the one guard between a broken plugin and vLLM's start-up
+    except Exception as e:  # noqa: BLE001 - the one guard between a broken plugin and vLLM's start-up
         if os.environ.get("LLMCO2_FAIL_OPEN", "1").strip().lower() in ("0", "false", "no", "off"):
+            logger.error("llmco2: refusing to start (LLMCO2_FAIL_OPEN=0): %s", e)
             raise
         logger.exception("llmco2: plugin failed to register; vLLM continues without it")
+
+
+# Set in the environment by the first process that reports the start-up problems; the processes
+# vLLM starts from it (engine core, workers) inherit it and check quietly instead of repeating them.
+_REPORTED_ENV = "_LLMCO2_PREFLIGHT_REPORTED_BY"
+
+
+def _first_to_report() -> bool:
+    owner = os.environ.get(_REPORTED_ENV)
+    if owner and owner != str(os.getpid()):
+        return False
+    os.environ[_REPORTED_ENV] = str(os.getpid())
+    return True
 
 
 def _register() -> None:
@@ -42,6 +59,18 @@ def _register() -> None:
         st.inactive_reason = "LLMCO2_ENABLED=0"
         _patches.log_once("disabled", logging.INFO, "llmco2: disabled by LLMCO2_ENABLED=0")
         return
+    # Every setting that can fail at run time is checked now, during vLLM's argument parsing (no
+    # model loaded yet), so fail-closed refuses here and the engine core never discovers it later.
+    from llmco2_serve import preflight
+
+    problems = preflight.check_settings(settings)
+    if problems:
+        if not settings.fail_open:
+            raise preflight.PreflightError(problems)
+        level = logging.WARNING if _first_to_report() else logging.DEBUG
+        for p in problems:
+            _patches.log_once(f"preflight:{p.setting}", level, "llmco2: %s; %s", p, p.disabled)
+        st.settings = preflight.effective_settings(settings, problems)
     try:
         import vllm
         version = str(vllm.__version__)

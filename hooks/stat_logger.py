@@ -51,6 +51,7 @@ class LLMCO2StatLogger(StatLoggerBase):
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
         self.engine_index = engine_index
         self._reported_failures = 0
+        self._reported_predictions: tuple[int, float] | None = None
         self.service = None
         st = _state.state()
         strict = st.settings is not None and not st.settings.fail_open
@@ -74,9 +75,14 @@ class LLMCO2StatLogger(StatLoggerBase):
             self._reported_failures = total
             logger.warning("llmco2: patch failures so far: %s", dict(_patches.failures))
         svc = self.service
-        if svc is not None and svc.prediction_count:
-            logger.info("llmco2: %d predictions, mean %.3f ms, max %.3f ms", svc.prediction_count,
-                        1e3 * svc.prediction_time_s / svc.prediction_count, 1e3 * svc.prediction_time_max_s)
+        if svc is None:
+            return
+        count, total_s, max_s = svc.prediction_count, svc.prediction_time_s, svc.prediction_time_max_s
+        # vLLM calls log() every ~10 s: say it only when there is something new (not while idle).
+        if count and (count, total_s) != self._reported_predictions:
+            self._reported_predictions = (count, total_s)
+            logger.info("llmco2: %d predictions, mean %.3f ms, max %.3f ms", count, 1e3 * total_s / count,
+                        1e3 * max_s)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -162,7 +162,8 @@ def make_predictor(settings: Settings, model: ModelInfo, gpu_names: Sequence[str
     except (ArchitectureError, PrecisionError, UnknownGPUError, GPUSpecError, WeightsError,
             ValueError, KeyError, TypeError, OSError) as e:
         error = f"no prediction for {model.architecture}: {type(e).__name__}: {e}"
-        logger.warning("llmco2: %s; serving continues without predictions", error)
+        logger.warning("llmco2: %s; %s", error, "serving continues without predictions" if s.fail_open else
+                       "LLMCO2_FAIL_OPEN=0: the plugin refuses to start and vLLM stops")
         return PredictorChoice(None, label, source, error)
     return PredictorChoice(predictor, label, source, None)
 

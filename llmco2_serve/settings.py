@@ -160,6 +160,17 @@ def _optional_url(var: str, raw: Any) -> str | None:
         raise SettingsError(var, f"expected an http(s) URL of an OTLP/HTTP collector, got {raw!r}")
     if text.rstrip("/").endswith(("/v1/metrics", "/v1/traces")):
         raise SettingsError(var, "give the collector's base URL; /v1/metrics is appended")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError as e:
+        raise SettingsError(var, f"cannot parse {raw!r} as a URL: {e}") from None
+    if not parts.hostname or any(c.isspace() for c in text):
+        raise SettingsError(var, f"cannot parse {raw!r} as a URL: no host name")
+    if port == 0:
+        raise SettingsError(var, f"cannot parse {raw!r} as a URL: port 0")
     return text.rstrip("/")
 
 

@@ -113,3 +113,11 @@ def test_otlp_metrics_endpoint_is_a_base_url():
         load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4318/v1/metrics"})
     with pytest.raises(SettingsError, match="LLMCO2_OTLP_METRICS_ENDPOINT"):
         load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": "collector:4318"})
+
+
+@pytest.mark.parametrize("url", ["http://", "http://:4318", "http://collector:port", "http://collector:99999",
+                                 "http://collector:0", "https://coll ector:4318", "http://[::1:4318"])
+def test_unparseable_otlp_endpoint_names_the_variable(url):
+    with pytest.raises(SettingsError, match="LLMCO2_OTLP_METRICS_ENDPOINT: cannot parse"):
+        load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": url})
+    assert load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": "http://[::1]:4318"}).otlp_metrics_endpoint
