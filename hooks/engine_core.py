@@ -1,16 +1,33 @@
-"""Engine-core patches: per-step rows into an :class:`EngineMeter`, measured energy out on the
-final :class:`EngineCoreOutput` (ledger entries ``scheduler.*`` in ``_patches.py``)."""
+"""Engine-core patches: per-step rows into an :class:`EngineMeter`, measured energy out to the API
+server (ledger entries ``scheduler.*`` and ``engine_core.run_busy_loop`` in ``_patches.py``).
+
+Two messages go out, both inside vLLM's own ``EngineCoreOutputs`` (no side channel):
+
+* the *first answer* of a finished request, on its final ``EngineCoreOutput.trace_headers``
+  (``x-llmco2-measured``), so the request's span carries it (``final`` false when part of it is
+  an open-window estimate);
+* *final values* of every finished request (aborted ones and stop-string finishes too) plus the
+  engine's energy books (counters' total, idle, unreported, per GPU), on a synthetic output with
+  request id ``llmco2-finals`` (``x-llmco2-finals``). vLLM's output processor ignores outputs of
+  unknown request ids; the API-side patch strips it before vLLM sees it. They ride on the step's
+  outputs while the engine is busy, and an idle poller thread (started with the busy loop) puts
+  them on the engine's output queue while it is idle, after reading the counters at a bounded rate
+  (vLLM's ``step()`` returns before ``schedule()`` when there is no request, so nothing else would).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
-from llmco2_serve.gpu_energy import EnergyReaderError, NullEnergyReader, open_energy_reader
+from llmco2_serve.devices import engine_device_indices
 from llmco2_serve.engine_meter import EngineMeter
-from llmco2_serve.service import MEASURED_HEADER, encode_measured, make_predictor
+from llmco2_serve.gpu_energy import EnergyReaderError, NullEnergyReader, open_energy_reader
+from llmco2_serve.service import FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, encode_measured, make_predictor
 
 from . import _state
 from ._patches import apply, failed, log_once
@@ -18,11 +35,38 @@ from ._patches import apply, failed, log_once
 logger = logging.getLogger("vllm.llmco2")
 
 _ATTR = "_llmco2_engine"
+
+
+class FailClosedError(RuntimeError):
+    """LLMCO2_FAIL_OPEN=0 and something the settings name cannot be had: vLLM must not start."""
+
 _MAX_WAITING_HEADERS = 8192
+_MAX_CLIENT_IDS = 65536
+_IDLE_POLL_S = 0.1  # idle reads: 10 per second, off the step path
+_BOOKS_EVERY_S = 1.0  # engine books ride along at most this often when there is no final value
+
+
+def _self_check() -> str | None:
+    """The private vLLM fields the patches rely on; None when all are there."""
+    import dataclasses
+
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+    missing = []
+    names = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    for f in ("num_scheduled_tokens", "scheduled_spec_decode_tokens"):
+        if f not in names:
+            missing.append(f"SchedulerOutput.{f}")
+    for cls, f in ((EngineCoreOutput, "trace_headers"), (EngineCoreOutputs, "outputs")):
+        if f not in getattr(cls, "__struct_fields__", ()):
+            missing.append(f"{cls.__name__}.{f}")
+    return ", ".join(missing) or None
 
 
 class EngineSide:
-    """One per scheduler per process: the meter and the measurements waiting for their output."""
+    """One per scheduler per process: the meter, first answers waiting for their output, client
+    indices of finished requests, and the idle poller."""
 
     def __init__(self, scheduler: Any) -> None:
         from ._vllm_config import model_info
@@ -31,42 +75,162 @@ class EngineSide:
         settings = _state.settings()
         self.enabled = settings is not None and settings.enabled
         self.headers: dict[str, str] = {}
+        # request id -> (client index, cached prompt tokens, output tokens) of finished requests
+        self.clients: dict[str, tuple[int, int | None, int | None]] = {}
         self.meter: EngineMeter | None = None
+        self.source_suffix = ""
+        self.engine_index = 0
+        self._output_queue: Any = None
+        self._books_t = 0.0
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
         if not self.enabled:
             return
-        info = model_info(scheduler.vllm_config)
+        problem = _self_check()
+        if problem:
+            log_once("selfcheck", logging.WARNING, "llmco2: vLLM %s lacks %s; measurement off", _vllm_version(), problem)
+            return
+        vc = scheduler.vllm_config
+        info = model_info(vc)
+        pc = vc.parallel_config
+        self.engine_index = int(getattr(pc, "data_parallel_index", 0) or getattr(pc, "data_parallel_rank", 0) or 0)
+        selection = engine_device_indices(
+            tensor_parallel=int(pc.tensor_parallel_size), pipeline_parallel=int(pc.pipeline_parallel_size),
+            prefill_context_parallel=int(getattr(pc, "prefill_context_parallel_size", 1) or 1),
+            dp_local_rank=getattr(pc, "data_parallel_rank_local", None)
+            if getattr(pc, "data_parallel_rank_local", None) is not None else getattr(pc, "data_parallel_index", 0),
+            nnodes_within_dp=int(getattr(pc, "nnodes_within_dp", 1) or 1),
+            executor_backend=str(getattr(pc, "distributed_executor_backend", "mp") or "mp"))
         mode = settings.energy_reader_mode
         try:
-            reader = open_energy_reader(mode, list(range(info.n_gpu)) if mode in ("auto", "nvml") else None,
+            if mode in ("auto", "nvml") and not selection.indices:
+                raise EnergyReaderError(selection.note)
+            reader = open_energy_reader(mode, list(selection.indices) if mode in ("auto", "nvml") else None,
                                         cpu_estimate=mode == "cpu-estimate")
         except (EnergyReaderError, ValueError) as e:
+            if not settings.fail_open:
+                raise FailClosedError(f"llmco2 (LLMCO2_FAIL_OPEN=0): energy reader {mode!r} failed: {e}") from e
             log_once("reader", logging.WARNING, "llmco2: energy reader %r failed (%s); measurements unavailable",
                      mode, e)
             reader = NullEnergyReader(str(e))
-        log_once("engine", logging.INFO, "llmco2 engine core (pid %d): energy source %s on %s", self.pid,
-                 reader.source, ", ".join(reader.device_names()) or "no device")
+        if reader.source == "nvml":
+            if not selection.complete:
+                self.source_suffix = "-partial"
+            shared = getattr(reader, "sharing_note", lambda: None)()
+            if shared:
+                self.source_suffix = "-shared"
+                log_once("shared", logging.WARNING, "llmco2: %s; measured values are labelled nvml-shared", shared)
+        log_once("engine", logging.INFO, "llmco2 engine core (pid %d, engine %d): energy source %s%s on %s%s",
+                 self.pid, self.engine_index, reader.source, self.source_suffix,
+                 ", ".join(reader.device_names()) or "no device",
+                 f" ({selection.note})" if selection.note else "")
         if reader.source == "unavailable":
             # Nothing to attribute: keep the step loop untouched; spans say "unavailable".
             return
         self.meter = EngineMeter(reader)
         gpu_names = [n.split(" ", 1)[-1] for n in reader.device_names()] if reader.source == "nvml" else []
-        # The predictor only refines step weights; building it imports the GNN stack (seconds),
-        # so it happens off the step loop. Until then weights are token counts.
+        # The predictor only refines row weights; building it imports the GNN stack (seconds), so it
+        # happens off the step loop, at engine start-up. Until then weights are token counts.
         threading.Thread(target=self._build_predictor, args=(settings, info, gpu_names),
                          name="llmco2-predictor", daemon=True).start()
+        # Idle reads from start-up on: the engine is idle now, so this also measures idle power.
+        self._poller = threading.Thread(target=self._idle_loop, name="llmco2-idle-poller", daemon=True)
+        self._poller.start()
 
     def _build_predictor(self, settings: Any, info: Any, gpu_names: list[str]) -> None:
         choice = make_predictor(settings, info, gpu_names)
         if choice.predictor is not None and self.meter is not None:
             self.meter.set_predictor(choice.predictor)
 
+    # ------------------------------------------------------------------ finals out
+    def attach_output_queue(self, output_queue: Any, engine_index: int) -> None:
+        self._output_queue = output_queue
+        self.engine_index = int(engine_index)
+
+    def finals_message(self, force_books: bool = False) -> dict[int, str]:
+        """client index -> JSON of final values (and the engine's books), {} when nothing to say."""
+        meter = self.meter
+        if meter is None:
+            return {}
+        finals = meter.pop_final()
+        now = time.monotonic()
+        books_due = force_books or now - self._books_t >= _BOOKS_EVERY_S
+        if not finals and not books_due:
+            return {}
+        by_client: dict[int, list[list[Any]]] = {}
+        suffix = self.source_suffix
+        for m in finals:
+            client, cached, gen = self.clients.pop(m.request_id, (0, None, None))
+            src = m.source + suffix if suffix and m.source not in ("unavailable",) else m.source
+            by_client.setdefault(client, []).append([
+                m.request_id, _num(m.prefill_energy_j), _num(m.decode_energy_j), _num(m.uncertainty_j),
+                _num(m.estimated_energy_j), src, m.n_steps, m.n_preemptions, bool(m.aborted),
+                round(m.mean_batch, 3), cached, gen])
+        if len(self.clients) > _MAX_CLIENT_IDS:  # never delivered (should not happen): bound it
+            for rid in list(self.clients)[: len(self.clients) - _MAX_CLIENT_IDS]:
+                del self.clients[rid]
+        out = {}
+        books = None
+        if books_due:
+            self._books_t = now
+            t = meter.totals()
+            books = {"engine": self.engine_index, "source": meter.source + suffix, "devices": t["devices"],
+                     "total_j": t["per_device_total_j"], "idle_j": t["per_device_idle_j"],
+                     "unreported_j": t["unreported_j"], "live": t["live"], "pending": t["pending"]}
+        for client, rows in by_client.items():
+            msg: dict[str, Any] = {"finals": rows}
+            if books is not None and client == 0:
+                msg["books"] = books
+            out[client] = json.dumps(msg, separators=(",", ":"))
+        if books is not None and 0 not in out:
+            out[0] = json.dumps({"finals": [], "books": books}, separators=(",", ":"))
+        return out
+
+    def _idle_loop(self) -> None:
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+        while not self._stop.wait(_IDLE_POLL_S):
+            try:
+                meter = self.meter
+                if meter is None or not meter.idle_tick():
+                    continue
+                q = self._output_queue
+                if q is None:
+                    continue
+                for client, text in self.finals_message().items():
+                    out = EngineCoreOutput(request_id=FINALS_REQUEST_ID, new_token_ids=[],
+                                           trace_headers={FINALS_HEADER: text})
+                    q.put_nowait((client, EngineCoreOutputs(engine_index=self.engine_index, outputs=[out])))
+            except Exception as e:  # noqa: BLE001 - fail-open boundary: the poller never takes the engine down
+                failed("engine_core.run_busy_loop", e)
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else round(float(x), 9)
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return str(vllm.__version__)
+    except Exception:  # noqa: BLE001
+        return "?"
+
 
 class _Disabled:
     meter = None
     headers: dict[str, str] = {}
+    clients: dict[str, tuple] = {}
 
     def __init__(self) -> None:
         self.pid = os.getpid()
+
+    def finals_message(self, force_books: bool = False) -> dict[int, str]:
+        return {}
+
+    def attach_output_queue(self, output_queue: Any, engine_index: int) -> None:
+        pass
 
 
 def engine_side(scheduler: Any) -> EngineSide | _Disabled:
@@ -74,6 +238,8 @@ def engine_side(scheduler: Any) -> EngineSide | _Disabled:
     if side is None or side.pid != os.getpid():
         try:
             side = EngineSide(scheduler)
+        except FailClosedError:
+            raise  # fail-closed (LLMCO2_FAIL_OPEN=0): refuse to start, with the reason
         except Exception as e:  # noqa: BLE001 - fail-open boundary: set-up failed, meter off for good
             failed("scheduler.schedule", e)
             side = _Disabled()
@@ -82,8 +248,12 @@ def engine_side(scheduler: Any) -> EngineSide | _Disabled:
 
 
 def step_rows(scheduler: Any, so: Any) -> list[tuple[str, str, int, int]]:
-    """(request id, phase, new tokens, context before the step) of every scheduled request."""
-    spec = so.scheduled_spec_decode_tokens or {}
+    """(request id, phase, new tokens, context before the step) of every scheduled request.
+
+    The phase is decided by token position: positions before ``num_prompt_tokens`` are prefill,
+    later ones decode. A resumed request (after preemption) recomputes only what missed the prefix
+    cache; a chunk that straddles the end of the prompt becomes two rows.
+    """
     requests = scheduler.requests
     rows = []
     for rid, n in so.num_scheduled_tokens.items():
@@ -91,12 +261,33 @@ def step_rows(scheduler: Any, so: Any) -> list[tuple[str, str, int, int]]:
         if req is None or n < 1:
             continue
         before = req.num_computed_tokens - n  # schedule() already advanced it
-        decode = before >= req.num_prompt_tokens and n == 1 + len(spec.get(rid, ()))
-        rows.append((rid, "decode" if decode else "prefill", int(n), max(0, int(before))))
+        if before < 0:
+            before = 0
+        prompt = req.num_prompt_tokens
+        if before >= prompt:
+            rows.append((rid, "decode", n, before))
+        elif before + n <= prompt:
+            rows.append((rid, "prefill", n, before))
+        else:
+            k = prompt - before
+            rows.append((rid, "prefill", k, before))
+            rows.append((rid, "decode", n - k, prompt))
     return rows
 
 
 # ------------------------------------------------------------------------------- wrappers
+def _wrap_init(orig):
+    def __init__(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        try:
+            engine_side(self)  # NVML, the reader and the idle poller at engine start, not on a request
+        except FailClosedError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            failed("scheduler.__init__", e)
+    return __init__
+
+
 def _wrap_schedule(orig):
     def schedule(self, *args, **kwargs):
         out = orig(self, *args, **kwargs)
@@ -120,9 +311,11 @@ def _wrap_update_from_output(orig):
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("scheduler.update_from_output", e)
         outputs = orig(self, scheduler_output, model_runner_output, *args, **kwargs)
-        if side is not None and side.headers:
+        if side is not None and side.meter is not None:
             try:
-                _attach_headers(side, outputs)
+                if side.headers:
+                    _attach_headers(side, outputs)
+                _attach_finals(side, outputs)
             except Exception as e:  # noqa: BLE001 - fail-open boundary
                 failed("scheduler.update_from_output", e)
         return outputs
@@ -142,6 +335,20 @@ def _attach_headers(side: EngineSide, outputs: Any) -> None:
             del headers[rid]
 
 
+def _attach_finals(side: EngineSide, outputs: Any) -> None:
+    msgs = side.finals_message()
+    if not msgs:
+        return
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+    for client, text in msgs.items():
+        eco = outputs.get(client)
+        if eco is None:
+            eco = outputs[client] = EngineCoreOutputs()
+        eco.outputs.append(EngineCoreOutput(request_id=FINALS_REQUEST_ID, new_token_ids=[],
+                                            trace_headers={FINALS_HEADER: text}))
+
+
 def _wrap_preempt(orig):
     def _preempt_request(self, request, *args, **kwargs):
         try:
@@ -159,23 +366,45 @@ def _wrap_free(orig):
         try:
             side = engine_side(self)
             if side.meter is not None:
+                rid = request.request_id
                 aborted = getattr(request.status, "name", "") == "FINISHED_ABORTED"
-                measured = side.meter.finished(request.request_id, aborted=aborted)
-                if not aborted:  # an aborted request gets no final output to carry it
-                    side.headers[request.request_id] = encode_measured(measured, request.num_output_tokens)
+                cached = getattr(request, "num_cached_tokens", None)
+                side.clients[rid] = (int(getattr(request, "client_index", 0) or 0),
+                                     int(cached) if isinstance(cached, int) and cached >= 0 else None,
+                                     int(request.num_output_tokens))
+                measured = side.meter.finished(rid, aborted=aborted)
+                if not aborted:  # an aborted request gets no final output: its value comes as a final
+                    side.headers[rid] = encode_measured(measured, request.num_output_tokens,
+                                                        side.source_suffix)
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("scheduler._free_request", e)
         return orig(self, request, *args, **kwargs)
     return _free_request
 
 
+def _wrap_busy_loop(orig):
+    def run_busy_loop(self, *args, **kwargs):
+        try:
+            side = engine_side(self.scheduler)
+            side.attach_output_queue(self.output_queue, getattr(self, "engine_index", 0))
+        except FailClosedError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            failed("engine_core.run_busy_loop", e)
+        return orig(self, *args, **kwargs)
+    return run_busy_loop
+
+
 def install() -> list[str]:
-    """Apply the scheduler patches; returns the names that applied."""
+    """Apply the engine-core patches; returns the names that applied."""
     done = []
-    for name, make in (("scheduler.schedule", _wrap_schedule),
+    for name, make in (("scheduler.__init__", _wrap_init),
+                       ("scheduler.schedule", _wrap_schedule),
                        ("scheduler.update_from_output", _wrap_update_from_output),
                        ("scheduler._preempt_request", _wrap_preempt),
-                       ("scheduler._free_request", _wrap_free)):
+                       ("scheduler._free_request", _wrap_free),
+                       ("engine_core.run_busy_loop", _wrap_busy_loop),
+                       ("engine_core.dp_run_busy_loop", _wrap_busy_loop)):
         if apply(name, make):
             done.append(name)
     return done

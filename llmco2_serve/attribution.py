@@ -187,6 +187,7 @@ class MeasuredEnergy:
         n_preemptions: times :meth:`EnergyAttributor.on_preempted` was called for it.
         aborted: as passed to :meth:`EnergyAttributor.on_finished`.
         final: False if part of the value is an open-window estimate that will still change.
+        mean_batch: mean number of rows of the steps it was in (its real batch context).
     """
 
     request_id: str
@@ -200,6 +201,7 @@ class MeasuredEnergy:
     n_preemptions: int
     aborted: bool
     final: bool
+    mean_batch: float = 0.0
 
 
 class _Req:
@@ -212,7 +214,7 @@ class _Req:
     __slots__ = (
         "rid", "energy_j", "mass", "mass_sq", "mass_x_step", "busy_s", "snap_mass", "snap_sq",
         "snap_x", "snap_busy_s", "var_j2", "win_prev", "q_prev", "lost_j", "lost_mass",
-        "n_steps", "n_preemptions", "last_step", "aborted", "mass_share", "snap_share",
+        "n_steps", "n_preemptions", "last_step", "aborted", "mass_share", "snap_share", "rows_seen",
     )
 
     def __init__(self, rid: str, n_devices: int) -> None:
@@ -233,6 +235,7 @@ class _Req:
         self.lost_mass = 0.0
         self.n_steps = 0
         self.n_preemptions = 0
+        self.rows_seen = 0  # sum over its steps of the step's row count (mean batch context)
         self.mass_share = 0.0  # sum over its steps of m_rs^2 / M_s (row-split uncertainty)
         self.snap_share = [0.0] * n_devices
         self.last_step = -1  # number of its latest recorded step
@@ -417,6 +420,7 @@ class EnergyAttributor:
                 ph = _PREFILL if is_prefill[i] else _DECODE
                 m = weights[i] * scale
                 req.n_steps += 1
+                req.rows_seen += n_rows
                 if failed:
                     req.lost_j[ph] += lost_k * m
                     req.lost_mass += m
@@ -779,6 +783,7 @@ class EnergyAttributor:
             n_preemptions=req.n_preemptions,
             aborted=req.aborted,
             final=final,
+            mean_batch=req.rows_seen / req.n_steps if req.n_steps else 0.0,
         )
 
     def _unavailable(self, req: _Req, final: bool) -> MeasuredEnergy:

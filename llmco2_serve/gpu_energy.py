@@ -718,10 +718,65 @@ class CodecarbonCpuEstimateReader:
         pass
 
 
+class ProcessCpuFakeReader:
+    """TEST-ONLY counter for end-to-end runs without a GPU (``LLMCO2_ENERGY_READER=fake``).
+
+    Source ``"fake"``, never ``"nvml"``. Its power model is a ground truth of its own, unrelated
+    to the predictor: ``idle_w`` plus ``busy_w`` per CPU-second the serving process (and its
+    children) consumed. Like NVML it is an integer mJ counter that only moves at update instants
+    (``update_period_s`` with +-20% jitter, so reads between two updates see the same value).
+    """
+
+    source = "fake"
+
+    def __init__(self, idle_w: float = 60.0, busy_w: float = 240.0, update_period_s: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
+        import random
+
+        self.idle_w = float(idle_w)
+        self.busy_w = float(busy_w)
+        self.update_period_s = float(update_period_s)
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._t_update = float(clock())
+        self._cpu_s = self._process_cpu_s()
+        self._mj = 0
+        self._next = self._t_update + self._period()
+
+    def _period(self) -> float:
+        return self.update_period_s * self._rng.uniform(0.8, 1.2)
+
+    @staticmethod
+    def _process_cpu_s() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def device_names(self) -> list[str]:
+        return ["fake:0 cpu-power-model"]
+
+    def energy_mj(self) -> list[int]:
+        t = float(self._clock())
+        if t >= self._next:
+            while self._next <= t:  # the latest update instant at or before t
+                last = self._next
+                self._next += self._period()
+            cpu = self._process_cpu_s()
+            energy_j = self.idle_w * (last - self._t_update) + self.busy_w * max(0.0, cpu - self._cpu_s)
+            self._mj += int(round(energy_j * 1000.0))
+            self._t_update, self._cpu_s = last, cpu
+        return [self._mj]
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"ProcessCpuFakeReader(idle {self.idle_w} W, {self.busy_w} W per CPU, {self.update_period_s} s)"
+
+
 # --------------------------------------------------------------------------------------------
 # Opening with an open fallback chain
 # --------------------------------------------------------------------------------------------
-_MODES = ("auto", "nvml", "cpu-estimate", "none")
+_MODES = ("auto", "nvml", "cpu-estimate", "fake", "none")
 
 
 def open_energy_reader(
@@ -742,6 +797,9 @@ def open_energy_reader(
     if mode == "none":
         logger.info("llmco2 energy: measurement disabled (mode='none'); energies are unavailable")
         return NullEnergyReader("mode='none'")
+    if mode == "fake":
+        logger.warning("llmco2 energy: TEST-ONLY fake counter (CPU-time power model), source 'fake'")
+        return ProcessCpuFakeReader()
     reasons: list[str] = []
     if mode in ("auto", "nvml"):
         try:

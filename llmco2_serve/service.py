@@ -63,9 +63,21 @@ __all__ = [
 ]
 
 ERROR_ATTRIBUTE = "llmco2.error"
+# Span's measured source while the engine's value is still on its way (stop-string finishes).
+MEASURED_SOURCE_PENDING = "pending"
 MEASURED_HEADER = "x-llmco2-measured"
+# Final values and the engine's energy books travel on a synthetic EngineCoreOutput of this id.
+FINALS_HEADER = "x-llmco2-finals"
+FINALS_REQUEST_ID = "llmco2-finals"
+# Predictions kept after the span for the request's final measured value (async; bounded).
+_MAX_AWAITING_FINAL = 65536
 # Predictions kept for requests that never report back (client aborts): oldest dropped first.
 _MAX_PENDING = 65536
+# Table range where vLLM does not say (it always does: max_num_seqs, max_model_len).
+_TABLE_MAX_BATCH = 1024
+_TABLE_MAX_LEN = 131072
+# Predicted energy reaches the OTel counters at most this much later than the request.
+_RECORD_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -182,16 +194,19 @@ def detect_gpu_names(nvml: Any = None) -> list[str]:
         reader.close()
 
 
-def encode_measured(m: MeasuredEnergy, gen_tokens: int) -> str:
-    """The engine core's measurement of one request, for the final output's trace_headers."""
+def encode_measured(m: MeasuredEnergy, gen_tokens: int, source_suffix: str = "") -> str:
+    """The engine core's first answer for one request, for the final output's trace_headers.
+    ``source_suffix``: ``"-partial"`` / ``"-shared"`` when the engine reads only part of its GPUs
+    or shares them (appended to a measured source)."""
     def num(x: float) -> float | None:
         return None if x != x else round(float(x), 9)  # NaN -> null (JSON has no NaN)
 
+    source = m.source + source_suffix if source_suffix and m.source != "unavailable" else m.source
     return json.dumps({
         "prefill_energy_j": num(m.prefill_energy_j), "decode_energy_j": num(m.decode_energy_j),
-        "energy_j": num(m.energy_j), "uncertainty_j": num(m.uncertainty_j), "source": m.source,
-        "final": m.final, "n_steps": m.n_steps, "n_preemptions": m.n_preemptions,
-        "gen_tokens": int(gen_tokens),
+        "energy_j": num(m.energy_j), "uncertainty_j": num(m.uncertainty_j), "source": source,
+        "final": m.final, "estimated_energy_j": num(m.estimated_energy_j), "n_steps": m.n_steps,
+        "n_preemptions": m.n_preemptions, "gen_tokens": int(gen_tokens),
     }, separators=(",", ":"))
 
 
@@ -200,7 +215,7 @@ def decode_measured(text: str) -> dict[str, Any]:
     d = json.loads(text)
     if not isinstance(d, dict) or not isinstance(d.get("source"), str):
         raise ValueError(f"not an llmco2 measurement: {text[:80]!r}")
-    for k in ("prefill_energy_j", "decode_energy_j", "energy_j", "uncertainty_j"):
+    for k in ("prefill_energy_j", "decode_energy_j", "energy_j", "uncertainty_j", "estimated_energy_j"):
         v = d.get(k)
         d[k] = math.nan if v is None else float(v)
     return d
@@ -233,6 +248,7 @@ class EnergyService:
         output_lengths: OutputLengthModel | None = None,
         predictor_factory: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        prediction_table: str = "background",
     ) -> None:
         self.settings = settings
         self.model = model
@@ -242,8 +258,15 @@ class EnergyService:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: collections.OrderedDict[str, RequestPrediction] = collections.OrderedDict()
-        self._pairs_file: Any = None
-        self._pairs_failed = False
+        self._pairs: Any = None  # PairsWriter, opened at the first pair
+        # Predictions between the span and the engine's final value (async), and the engine books.
+        self._awaiting_final: collections.OrderedDict[str, tuple[RequestPrediction, int | None]] = (
+            collections.OrderedDict())
+        self._books: dict[tuple[str, str], float] = {}
+        self.engine_sources: dict[int, str] = {}
+        self.finals_received = 0
+        self.finals_missed = 0  # predictions dropped before their final arrived (bound reached)
+        self.measured_energy_j = 0.0
         self.prediction_count = 0
         self.prediction_time_s = 0.0
         self.prediction_time_max_s = 0.0
@@ -252,6 +275,23 @@ class EnergyService:
         self.gpu_source = "detected" if self.gpu_names else "configured"
         self.gpu_label = self.gpu_names[0] if self.gpu_names else (settings.gpu_spec_file or settings.gpu)
         self._build_predictor(predictor_factory)
+        # Hot path (fast_predict.py): predictions come from a table built once; until it is ready
+        # (or where a request falls outside it) on_request calls the predictor directly.
+        self.table: Any = None
+        self.table_error: str | None = None
+        self._table_thread: threading.Thread | None = None
+        # Predicted energy is added to the OTel counters in sums, not per request (an SDK counter
+        # add costs ~10 us; the counters are cumulative, so the exported totals are the same).
+        self._unrecorded = [0, 0.0, 0.0, 0.0]  # requests, prefill J, decode J, CO2 g
+        self._recorded_at = time.monotonic()
+        if prediction_table not in ("background", "now", "off"):
+            raise ValueError(f"prediction_table must be 'background', 'now' or 'off', got {prediction_table!r}")
+        if self.predictor is not None and prediction_table != "off" and hasattr(self.predictor, "predict_phases"):
+            if prediction_table == "now":
+                self._build_table()
+            else:
+                self._table_thread = threading.Thread(target=self._build_table, name="llmco2-table", daemon=True)
+                self._table_thread.start()
 
     # ------------------------------------------------------------------ set-up
     def _build_predictor(self, factory: Callable[..., Any] | None) -> None:
@@ -285,41 +325,107 @@ class EnergyService:
             return cap
         return int(min(max_tokens, cap))
 
+    def _build_table(self) -> None:
+        """Tabulate the predictor over this deployment's (batch, prompt, output) range."""
+        from .fast_predict import PredictionTable
+
+        m, cap = self.model, self.settings.max_tokens_cap
+        try:
+            table = PredictionTable(
+                self.predictor, max_batch=int(m.max_num_seqs or _TABLE_MAX_BATCH),
+                max_prompt_len=int(m.max_model_len or _TABLE_MAX_LEN),
+                max_gen_tokens=int(min(cap, m.max_model_len) if m.max_model_len else cap))
+        except Exception as e:  # noqa: BLE001 - fail-open: direct predictions still work
+            self.table_error = f"{type(e).__name__}: {e}"
+            logger.warning("llmco2: no prediction table (%s); predicting each request directly", self.table_error)
+            return
+        self.table = table
+        logger.info("llmco2: %s", table.describe())
+
+    def wait_for_table(self, timeout_s: float | None = None) -> bool:
+        """Block until the background table build is done; True when a table is in use."""
+        t = self._table_thread
+        if t is not None:
+            t.join(timeout_s)
+        return self.table is not None
+
     def on_request(self, request_id: str, prompt_len: int, max_tokens: int | None,
-                   running_requests: int) -> RequestPrediction | None:
+                   running_requests: int, siblings: int = 1) -> RequestPrediction | None:
         """Predict a new request's share (module docstring). ``None`` when there is no predictor
-        or the prompt is empty; raises nothing for odd ``max_tokens``."""
+        or the prompt is empty; raises nothing for odd ``max_tokens``.
+
+        ``running_requests``: sequences in flight that are not part of this request's group;
+        ``siblings``: sequences of the group that arrive together (the ``n`` children of one
+        request, the prompts of one multi-prompt completion, or both). Siblings run in one batch
+        of ``running_requests + siblings`` and each gets the same share of it, whatever order
+        vLLM adds them in.
+        """
         if self.predictor is None or prompt_len < 1:
             return None
         t0 = self._clock()
         cap = self.capped_max_tokens(prompt_len, max_tokens)
         est = self.output_lengths.estimate(self.model.model_name, cap)
-        b = max(1, int(running_requests) + 1)
-        if self.model.max_num_seqs:
-            b = min(b, self.model.max_num_seqs)
-        pb = self.predictor.predict_many(np.array([prompt_len, prompt_len]),
-                                         np.array([est.expected_tokens, est.upper_tokens]), batch=b)
-        pre, dec = float(pb.prefill_energy_j[0]) / b, float(pb.decode_energy_j[0]) / b
+        expected, upper = est.expected_tokens, est.upper_tokens
+        b = int(running_requests) + (int(siblings) if siblings > 1 else 1)
+        if b < 1:
+            b = 1
+        if self.model.max_num_seqs and b > self.model.max_num_seqs:
+            b = self.model.max_num_seqs
+        table = self.table
+        if table is not None and table.covers(b, prompt_len, upper if upper > expected else expected):
+            s, u = table.shares(b, prompt_len, (expected, upper))
+            pre, dec, co2, time_s = s.prefill_energy_j, s.decode_energy_j, s.co2_g, s.time_s
+            energy_upper, co2_upper = u.energy_j, u.co2_g
+        else:  # no table yet, or outside it: the GNN itself (~0.3 ms)
+            pb = self.predictor.predict_many(np.array([prompt_len, prompt_len]), np.array([expected, upper]),
+                                             batch=b)
+            pre, dec = float(pb.prefill_energy_j[0]) / b, float(pb.decode_energy_j[0]) / b
+            co2, time_s = float(pb.co2_g[0]) / b, float(pb.time_s[0]) / b
+            energy_upper, co2_upper = float(pb.energy_j[1]) / b, float(pb.co2_g[1]) / b
         energy = pre + dec
-        co2 = float(pb.co2_g[0]) / b
         oper = operational_co2_g(energy, self.settings.pue, self.settings.intensity_g_per_kwh)
         latency = self._clock() - t0
         pred = RequestPrediction(
-            request_id=request_id, prompt_len=int(prompt_len), max_tokens=cap, gen_tokens=est.expected_tokens,
+            request_id=request_id, prompt_len=int(prompt_len), max_tokens=cap, gen_tokens=expected,
             batch=b, prefill_energy_j=pre, decode_energy_j=dec, energy_j=energy, co2_g=co2,
-            time_s=float(pb.time_s[0]) / b, energy_j_upper=max(energy, float(pb.energy_j[1]) / b),
-            co2_g_upper=max(co2, float(pb.co2_g[1]) / b), embodied_co2_g=max(0.0, co2 - oper),
+            time_s=time_s, energy_j_upper=energy_upper if energy_upper > energy else energy,
+            co2_g_upper=co2_upper if co2_upper > co2 else co2, embodied_co2_g=max(0.0, co2 - oper),
             latency_s=latency)
+        now = time.monotonic()
         with self._lock:
             self._pending[request_id] = pred
             while len(self._pending) > _MAX_PENDING:
                 self._pending.popitem(last=False)
             self.prediction_count += 1
             self.prediction_time_s += latency
-            self.prediction_time_max_s = max(self.prediction_time_max_s, latency)
-        self.metrics.record_predicted(model=self.model.model_name, predictor=self.predictor_label,
-                                      prefill_energy_j=pre, decode_energy_j=dec, co2_g=co2)
+            if latency > self.prediction_time_max_s:
+                self.prediction_time_max_s = latency
+            acc = self._unrecorded
+            acc[0] += 1
+            acc[1] += pre
+            acc[2] += dec
+            acc[3] += co2
+            due = now - self._recorded_at >= _RECORD_INTERVAL_S
+        if due:
+            self.flush_metrics()
         return pred
+
+    def flush_metrics(self) -> None:
+        """Add the predictions made since the last flush to the OTel counters (one add per
+        instrument and phase, whatever the number of requests). Called at most every
+        ``_RECORD_INTERVAL_S`` from ``on_request``; call it before an export or on shutdown."""
+        with self._lock:
+            n, pre, dec, co2 = self._unrecorded
+            self._unrecorded = [0, 0.0, 0.0, 0.0]
+            self._recorded_at = time.monotonic()
+        if n and self.predictor is not None:
+            self.metrics.record_predicted(model=self.model.model_name, predictor=self.predictor_label,
+                                          prefill_energy_j=pre, decode_energy_j=dec, co2_g=co2)
+
+    @property
+    def pending_count(self) -> int:
+        """Predictions held for requests that have not finished (or been forgotten) yet."""
+        return len(self._pending)
 
     def prediction(self, request_id: str) -> RequestPrediction | None:
         return self._pending.get(request_id)
@@ -329,15 +435,31 @@ class EnergyService:
         with self._lock:
             self._pending.pop(request_id, None)
 
+    def forget_many(self, request_ids: Sequence[str]) -> int:
+        """:meth:`forget` for several requests (vLLM aborts in lists); returns how many were held."""
+        dropped = 0
+        with self._lock:
+            for rid in request_ids:
+                if self._pending.pop(rid, None) is not None:
+                    dropped += 1
+        return dropped
+
     def on_finished(self, request_id: str, gen_tokens: int | None,
                     measured: Mapping[str, Any] | None) -> dict[str, tm.AttributeValue]:
-        """Span attributes for a finished request; learns its output length; keeps the pair.
+        """Span attributes for a finished request (its prediction and the engine's *first answer*);
+        learns its output length. Metrics and retraining pairs wait for the final value
+        (:meth:`on_engine_finals`), so the prediction is kept until then (bounded).
 
-        ``measured``: :func:`decode_measured` output (or None: nothing measured, source
-        "unavailable").
+        ``measured``: :func:`decode_measured` output, or None: the engine has not reported yet
+        (a stop string ends the request here before the engine knows) — source ``pending``.
         """
         with self._lock:
             pred = self._pending.pop(request_id, None)
+            if pred is not None:
+                self._awaiting_final[request_id] = (pred, gen_tokens)
+                while len(self._awaiting_final) > _MAX_AWAITING_FINAL:
+                    self._awaiting_final.popitem(last=False)
+                    self.finals_missed += 1
         attrs: dict[str, tm.AttributeValue] = tm.context_attributes(
             gpu=self.gpu_label, n_gpu=self.model.n_gpu, gpu_source=self.gpu_source,
             intensity_g_per_kwh=self.settings.intensity_g_per_kwh, pue=self.settings.pue,
@@ -351,68 +473,150 @@ class EnergyService:
                 energy_j_upper=pred.energy_j_upper, time_s=pred.time_s))
             attrs["llmco2.predicted.co2_g_upper"] = pred.co2_g_upper
             attrs["llmco2.predicted.batch"] = pred.batch
+            attrs["llmco2.predicted.embodied_co2_g"] = pred.embodied_co2_g
             if gen_tokens is not None and gen_tokens >= 0:
                 self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
         elif self.error is None and self.predictor is not None:
             attrs[ERROR_ATTRIBUTE] = "no prediction recorded for this request"
-        m = dict(measured) if measured else {"source": tm.MEASURED_SOURCE_UNAVAILABLE}
-        energy = m.get("energy_j", math.nan)
-        co2 = math.nan
-        if _finite(energy):
-            # Embodied carbon cannot be measured: the measured CO2 adds the predicted embodied share.
-            co2 = operational_co2_g(max(0.0, energy), self.settings.pue, self.settings.intensity_g_per_kwh) + (
-                pred.embodied_co2_g if pred is not None else 0.0)
+        if not measured:
+            source = MEASURED_SOURCE_PENDING if self._engine_measuring() else tm.MEASURED_SOURCE_UNAVAILABLE
+            attrs.update(tm.measured_attributes(prefill_energy_j=None, decode_energy_j=None, energy_j=None,
+                                                co2_g=None, source=source, uncertainty_j=None))
+            return attrs
+        m = measured
         pre_m, dec_m = m.get("prefill_energy_j", math.nan), m.get("decode_energy_j", math.nan)
-        if _finite(pre_m) and _finite(dec_m):
-            energy = pre_m + dec_m  # the sum identity holds exactly on the span
+        energy = pre_m + dec_m if _finite(pre_m) and _finite(dec_m) else m.get("energy_j", math.nan)
+        # Measured CO2 is operational only (energy x PUE x intensity); embodied carbon cannot be
+        # measured and is its own attribute (llmco2.predicted.embodied_co2_g).
+        co2 = (operational_co2_g(max(0.0, energy), self.settings.pue, self.settings.intensity_g_per_kwh)
+               if _finite(energy) else math.nan)
         attrs.update(tm.measured_attributes(
             prefill_energy_j=_clip0(pre_m), decode_energy_j=_clip0(dec_m), energy_j=_clip0(energy),
             co2_g=_clip0(co2), source=str(m.get("source") or tm.MEASURED_SOURCE_UNAVAILABLE),
             uncertainty_j=_clip0(m.get("uncertainty_j", math.nan))))
         if _finite(energy):
-            self.metrics.record_measured(
-                model=self.model.model_name, source=str(m["source"]), prefill_energy_j=_clip0(pre_m),
-                decode_energy_j=_clip0(dec_m), co2_g=_clip0(co2),
-                predicted_prefill_energy_j=pred.prefill_energy_j if pred else None,
-                predicted_decode_energy_j=pred.decode_energy_j if pred else None)
-            if m["source"] == "nvml" and pred is not None and gen_tokens:
-                self._keep_pair(pred, int(gen_tokens), m)
+            attrs["llmco2.measured.final"] = bool(m.get("final", False))
+            est = m.get("estimated_energy_j", math.nan)
+            if _finite(est):
+                attrs["llmco2.measured.estimated_energy_j"] = max(0.0, float(est))
         return attrs
+
+    def _engine_measuring(self) -> bool:
+        """True once an engine core sent books from a real counter (its final values will come)."""
+        return any(s and s != tm.MEASURED_SOURCE_UNAVAILABLE for s in self.engine_sources.values())
+
+    def on_engine_finals(self, text: str) -> int:
+        """Final values (and books) from an engine core (``x-llmco2-finals``): measured metrics for
+        every finished request (aborted and stop-string ones too), relative errors and retraining
+        pairs where the prediction is known. Returns the number of final values taken."""
+        msg = json.loads(text)
+        books = msg.get("books")
+        if isinstance(books, dict):
+            self._take_books(books)
+        n = 0
+        for row in msg.get("finals") or ():
+            rid, pre, dec, unc, est, source, n_steps, n_pre, aborted = row[:9]
+            extra = row[9:]
+            mean_batch = float(extra[0]) if len(extra) > 0 and extra[0] is not None else None
+            cached = int(extra[1]) if len(extra) > 1 and extra[1] is not None else None
+            gen_engine = int(extra[2]) if len(extra) > 2 and extra[2] is not None else None
+            with self._lock:
+                held = self._awaiting_final.pop(rid, None)
+                if held is None:
+                    pred = self._pending.pop(rid, None)  # aborted before any span
+                    gen = gen_engine
+                else:
+                    pred, gen = held
+                    gen = gen if gen is not None else gen_engine
+            # A request the API side finished (span made) completed, even when the engine saw an
+            # abort: a stop string is detected here and the engine is told to abort it.
+            completed = held is not None
+            n += 1
+            self.finals_received += 1
+            if pre is None or dec is None:
+                continue
+            energy = pre + dec
+            co2 = operational_co2_g(max(0.0, energy), self.settings.pue, self.settings.intensity_g_per_kwh)
+            self.metrics.record_measured(
+                model=self.model.model_name, source=str(source), prefill_energy_j=max(0.0, pre),
+                decode_energy_j=max(0.0, dec), co2_g=co2,
+                predicted_prefill_energy_j=pred.prefill_energy_j if pred is not None and completed else None,
+                predicted_decode_energy_j=pred.decode_energy_j if pred is not None and completed else None)
+            self.measured_energy_j += max(0.0, pre) + max(0.0, dec)
+            # Pairs learn only from complete NVML measurements of requests that ran to the end.
+            if source == "nvml" and pred is not None and completed and gen:
+                self._keep_pair(pred, int(gen), {
+                    "prefill_energy_j": pre, "decode_energy_j": dec, "energy_j": energy, "uncertainty_j": unc,
+                    "estimated_energy_j": est, "n_preemptions": n_pre, "n_steps": n_steps,
+                    "mean_batch": mean_batch, "cached_tokens": cached})
+        return n
+
+    def _take_books(self, books: Mapping[str, Any]) -> None:
+        """Cumulative energy books of one engine core -> metric deltas (per GPU)."""
+        engine = int(books.get("engine", 0))
+        self.engine_sources[engine] = str(books.get("source", ""))
+        devices = list(books.get("devices") or ())
+        totals = list(books.get("total_j") or ())
+        idles = list(books.get("idle_j") or ())
+        for i, dev in enumerate(devices):
+            key = f"{engine}:{dev}"
+            for kind, values in (("total", totals), ("idle", idles)):
+                if i < len(values) and values[i] is not None:
+                    prev = self._books.get((kind, key), 0.0)
+                    cur = float(values[i])
+                    if cur > prev:
+                        self.metrics.record_gpu_energy(gpu=key, kind=kind, energy_j=cur - prev)
+                        self._books[(kind, key)] = cur
+        unrep = books.get("unreported_j")
+        if unrep is not None:
+            prev = self._books.get(("unreported", str(engine)), 0.0)
+            if float(unrep) > prev:
+                self.metrics.record_gpu_energy(gpu=f"{engine}:all", kind="unreported", energy_j=float(unrep) - prev)
+                self._books[("unreported", str(engine))] = float(unrep)
+
+    def books(self) -> dict[str, float]:
+        """Cumulative books seen from the engines (sum over GPUs): total, idle, unreported, J."""
+        out = {"total_j": 0.0, "idle_j": 0.0, "unreported_j": 0.0, "measured_j": self.measured_energy_j}
+        for (kind, _), v in self._books.items():
+            out[f"{kind}_j"] += v
+        return out
 
     # ------------------------------------------------------------------ pairs for retraining
     def _keep_pair(self, pred: RequestPrediction, gen_tokens: int, m: Mapping[str, Any]) -> None:
-        """Append one row in the records format of shared/README.md (+ predicted values)."""
-        path = self.settings.pairs_path
-        if not path or self._pairs_failed:
+        """One final (prediction, NVML measurement) row in the records format of shared/README.md,
+        written by a background writer (never on the API event loop)."""
+        if self._pairs is None:
+            from .pairs import PairsWriter
+
+            self._pairs = PairsWriter(self.settings.pairs_path)
+        if not self._pairs.enabled:
             return
         md = self.model
+        cached = m.get("cached_tokens")
+        mean_batch = m.get("mean_batch")
         row = {
             "model": md.model_name, "arch": dict(md.hf_config), "dtype": md.quantization or md.dtype,
-            "gpu": self.gpu_label, "n_gpu": md.n_gpu, "batch": 1, "prompt_len": pred.prompt_len,
+            "gpu": self.gpu_label, "n_gpu": md.n_gpu,
+            # the real batch context: mean rows of the steps it ran in (a share of a batch, not batch 1)
+            "batch": max(1, int(round(mean_batch))) if mean_batch else pred.batch,
+            "mean_batch": mean_batch, "prompt_len": pred.prompt_len,
+            # prompt tokens served from the prefix cache cost no prefill
+            "cached_prompt_tokens": cached,
             "gen_tokens": gen_tokens, "prefill_energy_j": m["prefill_energy_j"],
             "decode_energy_j": m["decode_energy_j"], "request_energy_j": m["energy_j"],
             "uncertainty_j": m.get("uncertainty_j"), "n_preemptions": m.get("n_preemptions"),
+            "n_steps": m.get("n_steps"), "final": True,
             "engine": "vllm-continuous-batching", "source": "llmco2-serve-plugin",
-            "batch_context": pred.batch, "predicted_prefill_energy_j": pred.prefill_energy_j,
+            "share_of_batch": True, "batch_context_predicted": pred.batch,
+            "predicted_prefill_energy_j": pred.prefill_energy_j,
             "predicted_decode_energy_j": pred.decode_energy_j, "predicted_energy_j": pred.energy_j,
             "predicted_gen_tokens": pred.gen_tokens, "predictor": self.predictor_label,
         }
-        try:
-            with self._lock:
-                if self._pairs_file is None:
-                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                    self._pairs_file = open(path, "a", encoding="utf-8")
-                self._pairs_file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-                self._pairs_file.flush()
-        except OSError as e:
-            self._pairs_failed = True
-            logger.warning("llmco2: cannot write pairs to %s (%s); pairs switched off", path, e)
+        self._pairs.write(row)
 
     def close(self) -> None:
-        with self._lock:
-            if self._pairs_file is not None:
-                self._pairs_file.close()
-                self._pairs_file = None
+        if self._pairs is not None:
+            self._pairs.close()
 
 
 def _clip0(x: Any) -> float | None:

@@ -15,7 +15,7 @@ variable                                  meaning (default)
 ``LLMCO2_CARBON_INTENSITY_G_PER_KWH``     grid carbon intensity, gCO2e/kWh (481, world 2023)
 ``LLMCO2_PUE``                            data-centre PUE, >= 1 (1.2)
 ``LLMCO2_LIFETIME_YEARS``                 hardware lifetime for embodied carbon, years (5)
-``LLMCO2_ENERGY_READER``                  auto | nvml | cpu-estimate | off (auto)
+``LLMCO2_ENERGY_READER``                  auto | nvml | cpu-estimate | off | fake (test only) (auto)
 ``LLMCO2_RESPONSE_HEADERS``               add ``x-llmco2-predicted-*`` HTTP headers (1)
 ``LLMCO2_PAIRS_PATH``                     JSONL of (prediction, NVML measurement) pairs for
                                           retraining; empty disables (~/.cache/llmco2/pairs.jsonl)
@@ -41,7 +41,8 @@ from .carbon import DEFAULT_INTENSITY_G_PER_KWH, DEFAULT_LIFETIME_YEARS, DEFAULT
 __all__ = ["Settings", "SettingsError", "load_settings", "ENERGY_READER_MODES", "PREFIX"]
 
 PREFIX = "LLMCO2_"
-ENERGY_READER_MODES = ("auto", "nvml", "cpu-estimate", "off")
+# "fake": TEST-ONLY counter with a CPU-time power model (gpu_energy.ProcessCpuFakeReader), source "fake"
+ENERGY_READER_MODES = ("auto", "nvml", "cpu-estimate", "fake", "off")
 DEFAULT_PAIRS_PATH = os.path.join("~", ".cache", "llmco2", "pairs.jsonl")
 DEFAULT_MAX_TOKENS_CAP = 131072
 

@@ -75,6 +75,7 @@ SPAN_NAME_REQUEST: Final = "llmco2.request"
 METRIC_ENERGY: Final = "llmco2.energy"
 METRIC_CO2: Final = "llmco2.co2"
 METRIC_RELATIVE_ERROR: Final = "llmco2.prediction.relative_error"
+METRIC_GPU_ENERGY: Final = "llmco2.gpu.energy"
 # OTel histograms drop negative values, so the histogram holds |relative error| and the
 # sign goes into a "direction" attribute. Bounds 0.05/0.1/0.3 give the paper's EBA(5 %,
 # 10 %, 30 %) straight from the bucket counts, and sum/count gives its MAPE (Sec. 5).
@@ -270,12 +271,22 @@ class EnergyMetrics:
         self._co2_g = meter.create_counter(
             METRIC_CO2, unit="g", description="CO2 of LLM requests, predicted and measured"
         )
+        self._gpu_energy_j = meter.create_counter(
+            METRIC_GPU_ENERGY, unit="J",
+            description="Energy counters' total per GPU, and the parts given to no request (idle, unreported)")
         self._relative_error = meter.create_histogram(
             METRIC_RELATIVE_ERROR,
             unit="1",
             description="|predicted - measured| / measured energy of LLM requests; sign in 'direction'",
             explicit_bucket_boundaries_advisory=RELATIVE_ERROR_BUCKETS,
         )
+
+    def record_gpu_energy(self, *, gpu: str, kind: str, energy_j: float) -> None:
+        """Add to the engines' energy books: ``kind`` total (the counters' delta), idle (given to
+        no request) or unreported (work of requests already delivered). With the measured request
+        energy they close: measured + idle + unreported == total."""
+        self._gpu_energy_j.add(_non_negative("energy_j", energy_j), {"gpu": _non_empty_str("gpu", gpu),
+                                                                      "kind": _non_empty_str("kind", kind)})
 
     def record_predicted(
         self,

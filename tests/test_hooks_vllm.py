@@ -143,14 +143,18 @@ def test_step_rows_phase_detection():
         "chunk": req(100, 100),    # last chunk 64 -> 100
         "dec": req(151, 100),      # decode at context 150
         "spec": req(203, 100),     # decode + 2 speculative tokens at context 200
-        "resumed": req(129, 100),  # recompute of 129 tokens after preemption
+        "resumed": req(129, 100),  # recompute of 129 tokens after preemption, no prefix hit
+        "cached": req(129, 100),   # resumed with positions 0-95 in the prefix cache: 96 -> 129
     })
     so = SimpleNamespace(num_scheduled_tokens={"new": 32, "chunk": 36, "dec": 1, "spec": 3, "resumed": 129,
-                                               "gone": 1},
+                                               "cached": 33, "gone": 1},
                          scheduled_spec_decode_tokens={"spec": [5, 6]})
+    # Phase by position (issue 6.7): prompt positions are prefill, generated ones decode, also
+    # when they are recomputed after a preemption; a straddling chunk becomes two rows.
     assert engine_core.step_rows(sched, so) == [
         ("new", "prefill", 32, 0), ("chunk", "prefill", 36, 64), ("dec", "decode", 1, 150),
-        ("spec", "decode", 3, 200), ("resumed", "prefill", 129, 0)]
+        ("spec", "decode", 3, 200), ("resumed", "prefill", 100, 0), ("resumed", "decode", 29, 100),
+        ("cached", "prefill", 4, 96), ("cached", "decode", 29, 100)]
 
 
 def test_update_from_output_attaches_measurement_to_final_output_only():

@@ -158,10 +158,12 @@ def predictor():
     return make_predictor(load_settings({}), MODEL, []).predictor
 
 
-def service(predictor, tmp_path, **env):
+def service(predictor, tmp_path, prediction_table="off", metrics=None, **env):
+    # "off": the GNN on every request (exact); the table path has its own tests below.
     settings = load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), **env})
     return EnergyService(settings, MODEL, gpu_names=[], predictor_factory=lambda *a, **k: predictor,
-                         output_lengths=OutputLengthModel(OutputPrior(200.0, 100.0, "test"), prior_weight=5))
+                         output_lengths=OutputLengthModel(OutputPrior(200.0, 100.0, "test"), prior_weight=5),
+                         prediction_table=prediction_table, metrics=metrics)
 
 
 def test_prediction_is_the_batch_share(predictor, tmp_path):
@@ -197,11 +199,13 @@ def test_finished_attributes_with_measurement(predictor, tmp_path):
     svc = service(predictor, tmp_path, LLMCO2_CARBON_INTENSITY_G_PER_KWH="360", LLMCO2_PUE="1.5")
     p = svc.on_request("r", prompt_len=20, max_tokens=100, running_requests=0)
     measured = {"prefill_energy_j": 2.0, "decode_energy_j": 10.0, "energy_j": 12.0, "uncertainty_j": 1.5,
-                "source": "nvml", "n_preemptions": 0}
+                "source": "nvml", "n_preemptions": 0, "final": False, "estimated_energy_j": 3.0}
     a = svc.on_finished("r", 40, measured)
-    # operational: 12 J * 1.5 * 360 g/kWh / 3.6e6 J/kWh = 0.0018 g, plus the predicted embodied share
-    assert a["llmco2.measured.co2_g"] == pytest.approx(0.0018 + p.embodied_co2_g)
+    # operational only: 12 J * 1.5 * 360 g/kWh / 3.6e6 J/kWh = 0.0018 g; embodied is its own attribute
+    assert a["llmco2.measured.co2_g"] == pytest.approx(0.0018)
+    assert a["llmco2.predicted.embodied_co2_g"] == pytest.approx(p.embodied_co2_g)
     assert a["llmco2.measured.energy_j"] == 12.0 and a["llmco2.measured.source"] == "nvml"
+    assert a["llmco2.measured.final"] is False and a["llmco2.measured.estimated_energy_j"] == 3.0
     assert a["llmco2.measured.uncertainty_j"] == 1.5
     assert a["llmco2.predicted.energy_j"] == p.energy_j and a["llmco2.predicted.gen_tokens"] == 100
     assert a["llmco2.gpu"] == "H100-SXM-80GB" and a["llmco2.gpu.source"] == "configured"
@@ -209,24 +213,60 @@ def test_finished_attributes_with_measurement(predictor, tmp_path):
     assert ERROR_ATTRIBUTE not in a
     # learned: (5 * 200 + 40) / 6
     assert svc.output_lengths.mean_tokens("tiny") == pytest.approx(1040 / 6)
+    assert not (tmp_path / "pairs.jsonl").exists()  # a non-final first answer is never a pair
+    # the final value arrives later from the engine: only it becomes a pair
+    final = ["r", 2.5, 10.5, 1.0, 0.0, "nvml", 41, 0, False, 12.7, 16, 40]
+    assert svc.on_engine_finals(json.dumps({"finals": [final]})) == 1
+    svc.close()
     rows = (tmp_path / "pairs.jsonl").read_text().splitlines()
     assert len(rows) == 1
     rec = parse_record(json.loads(rows[0]), "pairs")
-    assert (rec.prompt_len, rec.gen_tokens, rec.request_energy_j, rec.gpu) == (20, 40, 12.0, "H100-SXM-80GB")
-    assert json.loads(rows[0])["predicted_energy_j"] == pytest.approx(p.energy_j)
+    assert (rec.prompt_len, rec.gen_tokens, rec.request_energy_j, rec.gpu) == (20, 40, 13.0, "H100-SXM-80GB")
+    row = json.loads(rows[0])
+    assert row["predicted_energy_j"] == pytest.approx(p.energy_j)
+    assert row["batch"] == 13 and row["mean_batch"] == 12.7 and row["cached_prompt_tokens"] == 16
+    assert row["final"] is True
 
 
-def test_estimates_and_unavailable_are_not_kept_as_pairs(predictor, tmp_path):
+def test_estimates_aborts_and_pending_are_not_kept_as_pairs(predictor, tmp_path):
     svc = service(predictor, tmp_path)
     svc.on_request("a", 20, 10, 0)
     a = svc.on_finished("a", 10, {"prefill_energy_j": 1.0, "decode_energy_j": 1.0, "energy_j": 2.0,
                                   "uncertainty_j": 0.1, "source": "cpu-estimate-codecarbon"})
     assert a["llmco2.measured.source"] == "cpu-estimate-codecarbon"
     svc.on_request("b", 20, 10, 0)
-    b = svc.on_finished("b", 10, None)
-    assert b["llmco2.measured.source"] == "unavailable" and "llmco2.measured.energy_j" not in b
+    assert svc.on_finished("b", 10, None)["llmco2.measured.source"] == "unavailable"  # no engine books yet
+    svc.on_engine_finals(json.dumps({"finals": [], "books": {"engine": 0, "source": "nvml", "devices": []}}))
+    svc.on_request("b", 20, 10, 0)
+    b = svc.on_finished("b", 10, None)  # a stop string: the engine's value is on its way
+    assert b["llmco2.measured.source"] == "pending" and "llmco2.measured.energy_j" not in b
     assert "llmco2.predicted.energy_j" in b
+    svc.on_request("c", 20, 10, 0)  # client abort: no span
+    svc.on_engine_finals(json.dumps({"finals": [
+        ["a", 1.0, 1.0, 0.1, 0.0, "cpu-estimate-codecarbon", 3, 0, False],
+        ["c", 1.0, 0.5, 0.1, 0.0, "nvml", 3, 0, True]]}))
+    svc.close()
     assert not (tmp_path / "pairs.jsonl").exists()
+    assert svc.measured_energy_j == pytest.approx(2.0 + 1.5)  # both still reach the metrics
+    # the stop-string request completed: its final is a pair
+    svc2 = service(predictor, tmp_path)
+    svc2.on_request("b", 20, 10, 0)
+    svc2.on_finished("b", 7, None)
+    svc2.on_engine_finals(json.dumps({"finals": [["b", 1.0, 2.0, 0.1, 0.0, "nvml", 8, 0, True, 3.0, 0, 8]]}))
+    svc2.close()
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == 1
+
+
+def test_engine_books_close_with_the_measured_requests(predictor, tmp_path):
+    svc = service(predictor, tmp_path)
+    books = {"engine": 0, "source": "fake", "devices": ["fake:0"], "total_j": [10.0], "idle_j": [4.0],
+             "unreported_j": 1.0}
+    svc.on_engine_finals(json.dumps({"finals": [["x", 2.0, 3.0, 0.1, 0.0, "fake", 3, 0, True]], "books": books}))
+    books2 = {**books, "total_j": [12.0], "idle_j": [6.0]}
+    svc.on_engine_finals(json.dumps({"finals": [], "books": books2}))
+    b = svc.books()
+    assert b == {"total_j": 12.0, "idle_j": 6.0, "unreported_j": 1.0, "measured_j": 5.0}
+    assert b["measured_j"] + b["idle_j"] + b["unreported_j"] == b["total_j"]
 
 
 def test_unknown_architecture_fails_open(tmp_path):
@@ -356,3 +396,112 @@ def test_work_of_an_already_delivered_request_goes_to_the_unreported_bucket():
     assert m.attributor.unreported_energy_j == pytest.approx(STEP_J / 2)
     t = m.totals()
     assert t["unreported_j"] == pytest.approx(STEP_J / 2) and t["total_j"] == pytest.approx(t["idle_j"] + t["attributed_j"])
+
+
+# ---------------------------------------------------------------- hot path, siblings, forgetting
+TABLE_REL = 0.02  # the table's interpolation bound (tests/test_fast_predict.py)
+
+
+def test_table_predictions_agree_with_the_gnn(predictor, tmp_path):
+    svc = service(predictor, tmp_path, prediction_table="now")
+    assert svc.table is not None and svc.table.max_batch == 8 and svc.table.max_prompt_len == 512
+    rng = np.random.default_rng(7)
+    for i in range(60):
+        prompt, max_tokens, running = int(rng.integers(1, 400)), int(rng.integers(1, 500)), int(rng.integers(0, 12))
+        p = svc.on_request(f"r{i}", prompt, max_tokens, running)
+        b = min(running + 1, 8)
+        cap = min(max_tokens, 512 - prompt)
+        assert (p.batch, p.max_tokens, p.gen_tokens) == (b, cap, min(200, cap))
+        exact = predictor.predict_many(np.array([prompt, prompt]), np.array([p.gen_tokens, cap]), batch=b)
+        assert p.energy_j == pytest.approx(exact.energy_j[0] / b, rel=TABLE_REL)
+        assert p.prefill_energy_j == pytest.approx(exact.prefill_energy_j[0] / b, rel=TABLE_REL)
+        assert p.co2_g == pytest.approx(exact.co2_g[0] / b, rel=TABLE_REL)
+        assert p.time_s == pytest.approx(exact.time_s[0] / b, rel=TABLE_REL)
+        assert p.energy_j_upper == pytest.approx(max(exact.energy_j[1], exact.energy_j[0]) / b, rel=TABLE_REL)
+        assert p.energy_j == p.prefill_energy_j + p.decode_energy_j and p.energy_j_upper >= p.energy_j
+
+
+def test_background_table_is_used_once_built(predictor, tmp_path):
+    svc = service(predictor, tmp_path, prediction_table="background")
+    assert svc.wait_for_table(60) and svc.table_error is None
+    p = svc.on_request("a", 30, 40, 0)
+    assert p.latency_s < 0.05
+    with pytest.raises(ValueError, match="prediction_table"):
+        service(predictor, tmp_path, prediction_table="sometimes")
+
+
+def test_a_table_that_cannot_be_built_leaves_direct_predictions(predictor, tmp_path):
+    class NoTable:
+        # the real predictor, except that tabulating it fails
+        def __getattr__(self, name):
+            return getattr(predictor, name)
+
+        def predict_phases(self, *a, **k):
+            raise FloatingPointError("broken grid")
+
+    settings = load_settings({"LLMCO2_PAIRS_PATH": ""})
+    svc = EnergyService(settings, MODEL, gpu_names=[], predictor_factory=lambda *a, **k: NoTable(),
+                        prediction_table="now")
+    assert svc.table is None and "broken grid" in svc.table_error
+    p = svc.on_request("a", 20, 300, 3)
+    exact = predictor.predict_many(np.array([20]), np.array([p.gen_tokens]), batch=4)
+    assert p.energy_j == pytest.approx(exact.energy_j[0] / 4)
+
+
+@pytest.mark.parametrize("table", ["off", "now"])
+def test_siblings_are_one_batch_split_evenly(predictor, tmp_path, table):
+    svc = service(predictor, tmp_path, prediction_table=table)
+    # three children of "n": 3 added one after the other; nothing else in flight
+    kids = [svc.on_request(f"{i}_parent", 24, 16, running_requests=0, siblings=3) for i in range(3)]
+    assert [k.batch for k in kids] == [3, 3, 3]
+    assert kids[0].energy_j == kids[1].energy_j == kids[2].energy_j
+    batch_of_3 = predictor.predict_many(np.array([24]), np.array([16]), batch=3)
+    rel = 1e-9 if table == "off" else TABLE_REL
+    assert sum(k.energy_j for k in kids) == pytest.approx(batch_of_3.energy_j[0], rel=rel)
+    assert sum(k.co2_g for k in kids) == pytest.approx(batch_of_3.co2_g[0], rel=rel)
+    # with 2 others in flight, the batch is 5 and each child pays a fifth of it
+    more = svc.on_request("0_other", 24, 16, running_requests=2, siblings=3)
+    batch_of_5 = predictor.predict_many(np.array([24]), np.array([16]), batch=5)
+    assert more.batch == 5 and more.energy_j == pytest.approx(batch_of_5.energy_j[0] / 5, rel=rel)
+    assert svc.on_request("x", 24, 16, running_requests=7, siblings=3).batch == 8  # max_num_seqs
+
+
+def test_forget_drops_aborted_predictions(predictor, tmp_path):
+    svc = service(predictor, tmp_path, prediction_table="now")
+    for i in range(5):
+        svc.on_request(f"r{i}", 10, 10, 0)
+    assert svc.pending_count == 5
+    assert svc.forget_many(["r0", "r1", "nope"]) == 2
+    svc.forget("r2")
+    assert svc.pending_count == 2 and svc.prediction("r0") is None and svc.prediction("r3") is not None
+    a = svc.on_finished("r0", 3, None)  # an aborted request that reports anyway: no stale prediction
+    assert "llmco2.predicted.energy_j" not in a
+
+
+def test_predicted_metrics_are_recorded_in_sums(predictor, tmp_path):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from llmco2_serve.telemetry import EnergyMetrics
+
+    reader = InMemoryMetricReader()
+    metrics = EnergyMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    svc = service(predictor, tmp_path, prediction_table="now", metrics=metrics)
+    preds = [svc.on_request(f"r{i}", 10 + i, 20, i % 4) for i in range(50)]
+    svc.flush_metrics()
+
+    def points():
+        out = {}
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    for dp in m.data.data_points:
+                        out[(m.name, dp.attributes.get("phase"), dp.attributes.get("kind"))] = dp.value
+        return out
+
+    got = points()
+    assert got[("llmco2.energy", "prefill", "predicted")] == pytest.approx(sum(p.prefill_energy_j for p in preds))
+    assert got[("llmco2.energy", "decode", "predicted")] == pytest.approx(sum(p.decode_energy_j for p in preds))
+    assert got[("llmco2.co2", None, "predicted")] == pytest.approx(sum(p.co2_g for p in preds))
+    svc.flush_metrics()  # nothing new: the totals stay
+    assert points()[("llmco2.energy", "prefill", "predicted")] == pytest.approx(sum(p.prefill_energy_j for p in preds))
