@@ -54,8 +54,7 @@ class PreflightError(RuntimeError):
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = list(problems)
-        super().__init__("llmco2 refuses to start (LLMCO2_FAIL_OPEN=0): "
-                         + "; ".join(str(p) for p in self.problems))
+        super().__init__("; ".join(str(p) for p in self.problems))
 
 
 def preflight(environ: Mapping[str, str] | None = None, *, nvml: Any = None) -> tuple[Settings | None, list[Problem]]:
