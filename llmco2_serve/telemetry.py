@@ -611,7 +611,7 @@ def configure_otel(
     service_name: str = "llmco2-serve",
     export_timeout_s: float = 2.0,
     spans_jsonl_path: str | os.PathLike[str] | None = None,
-    metric_export_interval_s: float = 15.0,
+    metric_export_interval_s: float | None = None,
     resource_attributes: Mapping[str, str] | None = None,
 ) -> OtelHandles:
     """Tracer and meter for llmco2-serve, built only where the host has none.
@@ -629,6 +629,12 @@ def configure_otel(
     ``OtelHandles.shutdown()``.
     """
     export_timeout_s = _non_negative("export_timeout_s", export_timeout_s)
+    if metric_export_interval_s is None:  # the standard variable (ms), else 15 s
+        raw = os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
+        try:
+            metric_export_interval_s = float(raw) / 1000.0 if raw else 15.0
+        except ValueError:
+            metric_export_interval_s = 15.0
     interval_s = _non_negative("metric_export_interval_s", metric_export_interval_s)
     if export_timeout_s == 0 or interval_s == 0:
         raise ValueError("export_timeout_s and metric_export_interval_s must be > 0")
