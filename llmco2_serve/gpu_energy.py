@@ -314,6 +314,34 @@ class NvmlEnergyReader:
     def device_names(self) -> list[str]:
         return list(self._names)
 
+    def sharing_note(self) -> str | None:
+        """Why a counter may include energy that is not this server's, or None.
+
+        A GPU in MIG mode, or one with compute processes outside this process tree, has one
+        board-wide counter: the plugin cannot separate the other tenants' energy, so it labels
+        its values ``nvml-shared`` instead of silently charging them to its requests.
+        """
+        notes = []
+        own = _process_tree_pids()
+        for k, h in enumerate(self._handles):
+            try:
+                current = self._nvml.nvmlDeviceGetMigMode(h)
+                if isinstance(current, (tuple, list)):
+                    current = current[0]
+                if int(current) == 1:
+                    notes.append(f"{self._names[k]} is in MIG mode (one counter for the whole board)")
+                    continue
+            except Exception:  # noqa: BLE001 - not supported on this GPU/driver: not MIG
+                pass
+            try:
+                procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(h)
+            except Exception:  # noqa: BLE001 - unknown: say nothing rather than guess
+                continue
+            others = [p.pid for p in procs if os.path.exists(f"/proc/{p.pid}") and p.pid not in own]
+            if others:
+                notes.append(f"{self._names[k]} also runs processes {others[:4]} outside this server")
+        return "; ".join(notes) or None
+
     def energy_mj(self) -> list[int]:
         if not self._open:
             raise NvmlNotAvailable("energy_mj() called on a closed NvmlEnergyReader")
@@ -716,6 +744,36 @@ class CodecarbonCpuEstimateReader:
 
     def close(self) -> None:
         pass
+
+
+def _process_tree_pids() -> set[int]:
+    """This process, its ancestors and its descendants (vLLM's workers are children)."""
+    me = os.getpid()
+    parent: dict[int, int] = {}
+    try:
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat", "rb") as f:
+                        stat = f.read().decode(errors="replace")
+                    parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+    except OSError:
+        return {me}
+    own = {me}
+    changed = True
+    while changed:  # descendants first (not the ancestors' other children)
+        changed = False
+        for pid, pp in parent.items():
+            if pp in own and pid not in own:
+                own.add(pid)
+                changed = True
+    p = parent.get(me)
+    while p and p not in own:
+        own.add(p)
+        p = parent.get(p)
+    return own
 
 
 class ProcessCpuFakeReader:

@@ -273,3 +273,46 @@ def test_codecarbon_cpu_estimate_is_labelled_and_bounded_by_tdp(caplog):
     second = reader.energy_mj()[0]
     # codecarbon cpu_load model: TDP * (0.1 + 0.9 load^3), load in [0, 1]
     assert 0.1 * reader.tdp_w * 2.0 * 1000 - 1 <= second - first <= reader.tdp_w * 2.0 * 1000 + 1
+
+
+def test_shared_gpu_is_detected_mig_and_foreign_processes():
+    """Issue 6.8: a MIG board or another tenant's process makes the board-wide counter shared."""
+    import subprocess
+    import time
+    import types
+
+    from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock
+
+    r = FakeEnergyReader(100.0, clock=ManualClock())
+    assert r.sharing_note() is None  # the fake NVML has neither
+    base = r._nvml
+
+    class Nvml:
+        mig = 0
+        pids: list[int] = []
+
+        def __getattr__(self, k):
+            return getattr(base, k)
+
+        def nvmlDeviceGetMigMode(self, h):  # noqa: N802 - pynvml's name
+            return (self.mig, self.mig)
+
+        def nvmlDeviceGetComputeRunningProcesses(self, h):  # noqa: N802
+            return [types.SimpleNamespace(pid=p) for p in self.pids]
+
+    nv = r._nvml = Nvml()
+    child = subprocess.Popen(["sleep", "30"])  # our own worker-like child: not foreign
+    # an orphan (its parent exits at once): re-parented outside this process tree, a real foreign pid
+    out = subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
+    orphan = int(out.stdout.strip())
+    try:
+        time.sleep(0.2)
+        nv.pids = [child.pid]
+        assert r.sharing_note() is None
+        nv.pids = [child.pid, orphan]
+        assert str(orphan) in r.sharing_note()
+        nv.pids, nv.mig = [], 1
+        assert "MIG" in r.sharing_note()
+    finally:
+        child.kill()
+        subprocess.run(["kill", str(orphan)])
