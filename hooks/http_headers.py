@@ -1,9 +1,15 @@
-"""``x-llmco2-predicted-*`` HTTP response headers (ledger entry ``app.init_entrypoints_middleware``).
+"""``x-llmco2-predicted-*`` HTTP response headers (ledger entries ``app.init_entrypoints_middleware``
+and ``completion.merge_async_iterators``).
 
 A pure-ASGI middleware gives each HTTP request a holder in a contextvar; the patched
 ``OutputProcessor.add_request`` (same task, or a task that copied the context) adds its
-prediction to it (summed: a multi-prompt completion calls add_request once per prompt). The
-middleware holds ``http.response.start`` until the first body message, when the prediction is
+prediction to it. The headers describe the whole response: the sum over every sequence vLLM runs
+for it (the ``n`` children of ``"n": 3``, each prompt of a multi-prompt completion), and
+``x-llmco2-predicted-sequences`` says how many that is. The holder also keeps those sequences one
+batch: it records how many prompts the completion has (patched ``merge_async_iterators``, called
+before any of them reaches ``add_request``) and the requests in flight when the first one arrived.
+
+The middleware holds ``http.response.start`` until the first body message, when the prediction is
 known also for streaming responses (whose start is sent before the engine runs).
 """
 
@@ -22,17 +28,27 @@ HEADER_ENERGY_J = "x-llmco2-predicted-energy-j"
 HEADER_CO2_G = "x-llmco2-predicted-co2-g"
 HEADER_ENERGY_J_UPPER = "x-llmco2-predicted-energy-j-upper"
 HEADER_GEN_TOKENS = "x-llmco2-predicted-gen-tokens"
+HEADER_SEQUENCES = "x-llmco2-predicted-sequences"
 
 
 class PredictionHolder:
-    """Sum of the predictions made for one HTTP request."""
+    """Sum of the predictions made for one HTTP request, and what makes its sequences one batch."""
 
-    __slots__ = ("n", "energy_j", "co2_g", "energy_j_upper", "gen_tokens")
+    __slots__ = ("n", "energy_j", "co2_g", "energy_j_upper", "gen_tokens", "prompts", "_running")
 
     def __init__(self) -> None:
         self.n = 0
         self.energy_j = self.co2_g = self.energy_j_upper = 0.0
         self.gen_tokens = 0
+        self.prompts = 1  # prompts of a multi-prompt completion (merge_async_iterators patch)
+        self._running: int | None = None
+
+    def group_running(self, running: int) -> int:
+        """Requests in flight (not this HTTP request's) when its first sequence arrived: the first
+        call's ``running``; later sequences of the same response reuse it."""
+        if self._running is None:
+            self._running = running
+        return self._running
 
     def add(self, pred: Any) -> None:
         self.n += 1
@@ -47,7 +63,8 @@ class PredictionHolder:
         return [(HEADER_ENERGY_J.encode(), f"{self.energy_j:.6g}".encode()),
                 (HEADER_CO2_G.encode(), f"{self.co2_g:.6g}".encode()),
                 (HEADER_ENERGY_J_UPPER.encode(), f"{self.energy_j_upper:.6g}".encode()),
-                (HEADER_GEN_TOKENS.encode(), str(self.gen_tokens).encode())]
+                (HEADER_GEN_TOKENS.encode(), str(self.gen_tokens).encode()),
+                (HEADER_SEQUENCES.encode(), str(self.n).encode())]
 
 
 _HOLDER: contextvars.ContextVar[PredictionHolder | None] = contextvars.ContextVar("llmco2_holder", default=None)
@@ -105,6 +122,21 @@ def _wrap_init_middleware(orig):
     return init_entrypoints_middleware
 
 
+def _wrap_merge_async_iterators(orig):
+    # Called by the completions endpoint with one generator per prompt, before any of them runs
+    # (their add_request happens inside the merged iteration): the prompt count is known here.
+    def merge_async_iterators(*iterators, **kwargs):
+        try:
+            holder = _HOLDER.get()
+            if holder is not None and len(iterators) > 1:
+                holder.prompts = len(iterators)
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            failed("completion.merge_async_iterators", e)
+        return orig(*iterators, **kwargs)
+    return merge_async_iterators
+
+
 def install() -> list[str]:
-    return ["app.init_entrypoints_middleware"] if apply("app.init_entrypoints_middleware",
-                                                        _wrap_init_middleware) else []
+    return [name for name, make in (("app.init_entrypoints_middleware", _wrap_init_middleware),
+                                    ("completion.merge_async_iterators", _wrap_merge_async_iterators))
+            if apply(name, make)]

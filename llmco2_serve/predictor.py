@@ -197,6 +197,29 @@ class Predictor:
         energy = pre + dec
         return PredictionBatch(pre, dec, energy, time_s, energy * self._co2_per_j + time_s * self._embodied_per_s)
 
+    def predict_phases(self, prompt_len, gen_tokens, batch=1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per phase, for arrays of requests (``batch`` may be an array too): prefill energy (J),
+        decode energy (J), prefill time (s), decode time (s) of the whole batch.
+
+        The parts :meth:`predict_many` sums (its ``time_s`` is prefill + decode time, its CO2 is
+        ``energy * co2_per_j + time * embodied_per_s``); :mod:`llmco2_serve.fast_predict`
+        tabulates them once so that the server's per-request prediction is a lookup.
+        """
+        pre, dec, t = self._raw(batch, prompt_len, gen_tokens)
+        pre_t = self._time_s(pre, t.prefill_time_s)
+        dec_t = np.where(dec > 0, self._time_s(dec, t.decode_time_s), 0.0)
+        return pre, dec, pre_t, dec_t
+
+    @property
+    def co2_g_per_j(self) -> float:
+        """Operational carbon per joule (g/J) at the predictor's PUE and intensity."""
+        return self._co2_per_j
+
+    @property
+    def embodied_co2_g_per_s(self) -> float:
+        """Embodied carbon per second of the deployment's GPUs (g/s)."""
+        return self._embodied_per_s
+
     def step_costs(self, new_tokens, context_len) -> np.ndarray:
         """Relative cost (Roofline time, s) of engine-step work items: ``new_tokens`` after ``context_len``.
 
