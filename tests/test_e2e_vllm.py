@@ -196,3 +196,65 @@ def test_plugin_logged_startup_line_and_no_patch_failures(server, completions):
     assert "llmco2: model tiny-llama arch LlamaForCausalLM recognised=True" in log
     assert "GPUs: no NVML" in log
     assert "patch failures" not in log and "failed (" not in log, log[-3000:]
+
+
+def _server_predictor(server):
+    """The predictor the server builds (its model's config.json, H100, float32): the outside truth
+    the table-based headers are checked against (issue 10)."""
+    from llmco2_serve.predictor import Predictor
+
+    model_dir = server["tmp"] / "llama"
+    return Predictor.from_config(json.loads((model_dir / "config.json").read_text()), gpu="H100", dtype="float32")
+
+
+@pytest.mark.parametrize("prompts,n", [(1, 3), (2, 1), (2, 2)])
+def test_headers_of_n_and_multi_prompt_requests_describe_the_whole_response(server, prompts, n):
+    import numpy as np
+
+    prompt = "The quick brown fox jumps over the lazy dog."
+    trace_id, tp = _traceparent()
+    body = {"model": "tiny-llama", "prompt": [prompt] * prompts if prompts > 1 else prompt, "n": n,
+            "max_tokens": 6, "temperature": 0.8, "seed": 7, "ignore_eos": True}
+    status, headers, raw = _post(server["base"] + "/v1/completions", body, {"traceparent": tp})
+    assert status == 200, raw
+    h = {k.lower(): v for k, v in headers.items()}
+    out = json.loads(raw)
+    sequences = prompts * n
+    assert len(out["choices"]) == sequences
+    assert h["x-llmco2-predicted-sequences"] == str(sequences)
+    gen_total = int(h["x-llmco2-predicted-gen-tokens"])
+    assert gen_total % sequences == 0
+    expected = gen_total // sequences  # identical sequences: the same expected length each
+    prompt_len = out["usage"]["prompt_tokens"] // prompts
+    # Nothing else is in flight (the module's requests run one after another), so the response's
+    # sequences are one batch of `sequences`, and together they cost that whole batch.
+    batch = _server_predictor(server).predict_many(np.array([prompt_len]), np.array([expected]), batch=sequences)
+    assert float(h["x-llmco2-predicted-energy-j"]) == pytest.approx(batch.energy_j[0], rel=0.02)
+    assert float(h["x-llmco2-predicted-co2-g"]) == pytest.approx(batch.co2_g[0], rel=0.02)
+    # every sequence's llm_request span carries the same share, and the shares add up to the header
+    spans = server["receiver"].wait_for_spans(
+        lambda s: s["trace_id"] == trace_id and s["name"] == "llm_request", timeout_s=20, count=sequences)
+    shares = [s["attributes"]["llmco2.predicted.energy_j"] for s in spans]
+    assert len(shares) == sequences and max(shares) == pytest.approx(min(shares), rel=1e-12)
+    assert all(s["attributes"]["llmco2.predicted.batch"] == sequences for s in spans)
+    assert sum(shares) == pytest.approx(float(h["x-llmco2-predicted-energy-j"]), rel=1e-5)
+
+
+def test_client_disconnect_goes_through_the_abort_patch(server):
+    # A streaming n=2 request dropped by its client after the first chunk: vLLM aborts both children
+    # through OutputProcessor.abort_requests, whose patch drops their predictions (what it drops is
+    # checked against vLLM's real OutputProcessor in tests/test_hooks_requests_vllm.py; here: the
+    # patch runs in the real server without failing and the server keeps serving).
+    body = json.dumps({"model": "tiny-llama", "prompt": "Once upon a time", "max_tokens": 400, "n": 2,
+                       "stream": True, "ignore_eos": True}).encode()
+    host, port = server["base"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        first = s.recv(4096)
+        assert b"200 OK" in first and b"x-llmco2-predicted-sequences: 2" in first.lower()
+    time.sleep(1.0)
+    status, _, raw = _post(server["base"] + "/v1/completions", {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
+    assert status == 200, raw
+    log = server["log"].read_text()
+    assert "patch failures" not in log and "failed (" not in log, log[-3000:]
