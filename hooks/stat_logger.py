@@ -77,6 +77,7 @@ class LLMCO2StatLogger(StatLoggerBase):
         svc = self.service
         if svc is None:
             return
+        svc.flush_metrics()  # predicted-energy counters are added in sums (service.py); none left behind idle
         count, total_s, max_s = svc.prediction_count, svc.prediction_time_s, svc.prediction_time_max_s
         # vLLM calls log() every ~10 s: say it only when there is something new (not while idle).
         if count and (count, total_s) != self._reported_predictions:
