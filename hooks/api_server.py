@@ -93,15 +93,15 @@ def _finished_attributes(svc: Any, request_id: str, gen_tokens: int | None, meas
 def _wrap_process_outputs(orig):
     def process_outputs(self, engine_core_outputs, *args, **kwargs):
         stashed: list[str] = []
+        finals = None
         try:
             # Final values and books ride on a synthetic output, always the last of its batch
-            # (engine_core._attach_finals / the idle poller): take it out before vLLM sees it.
+            # (engine_core._attach_finals / the idle poller): take it out before vLLM sees it, and
+            # take it in after this batch's finished requests (a request's final output and its
+            # final value can arrive in the same batch).
             if engine_core_outputs and engine_core_outputs[-1].request_id == FINALS_REQUEST_ID:
                 finals = engine_core_outputs[-1]
                 engine_core_outputs = engine_core_outputs[:-1]
-                svc = service()
-                if svc is not None and finals.trace_headers:
-                    svc.on_engine_finals(finals.trace_headers[FINALS_HEADER])
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("output_processor.process_outputs", e)
         try:
@@ -121,6 +121,8 @@ def _wrap_process_outputs(orig):
                     gen = measured.get("gen_tokens") if measured else None
                     _stash[o.request_id] = _finished_attributes(svc, o.request_id, gen, measured)
                     stashed.append(o.request_id)
+            if finals is not None and svc is not None and finals.trace_headers:
+                svc.on_engine_finals(finals.trace_headers[FINALS_HEADER])
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("output_processor.process_outputs", e)
         try:

@@ -215,6 +215,7 @@ class _Req:
         "rid", "energy_j", "mass", "mass_sq", "mass_x_step", "busy_s", "snap_mass", "snap_sq",
         "snap_x", "snap_busy_s", "var_j2", "win_prev", "q_prev", "lost_j", "lost_mass",
         "n_steps", "n_preemptions", "last_step", "aborted", "mass_share", "snap_share", "rows_seen",
+        "work", "snap_work",
     )
 
     def __init__(self, rid: str, n_devices: int) -> None:
@@ -235,6 +236,8 @@ class _Req:
         self.lost_mass = 0.0
         self.n_steps = 0
         self.n_preemptions = 0
+        self.work = [0.0, 0.0]  # per phase: its rows' work, seconds at the GPU's peak rates
+        self.snap_work = [[0.0, 0.0] for _ in range(n_devices)]
         self.rows_seen = 0  # sum over its steps of the step's row count (mean batch context)
         self.mass_share = 0.0  # sum over its steps of m_rs^2 / M_s (row-split uncertainty)
         self.snap_share = [0.0] * n_devices
@@ -296,6 +299,7 @@ class EnergyAttributor:
         self._n_steps = 0
         self._cum_busy_s = 0.0
         self._cum_mass = 0.0
+        self._cum_work = 0.0
         self._cum_mass_sq = 0.0
         self._total_j = 0.0
         self._idle_j = 0.0
@@ -324,6 +328,7 @@ class EnergyAttributor:
         self._snap_steps = [0] * n
         self._snap_busy_s = [0.0] * n
         self._snap_mass = [0.0] * n
+        self._snap_work = [0.0] * n
         self._snap_mass_sq = [0.0] * n
         self._window_avg_w: list[deque[tuple[float, bool]]] = [
             deque(maxlen=_IDLE_HISTORY) for _ in range(n)
@@ -383,7 +388,8 @@ class EnergyAttributor:
                          [w.phase == "prefill" for w in work], [w.weight for w in work])
 
     def record_step(self, start_s: float, end_s: float, request_ids: Sequence[str],
-                    is_prefill: Sequence[bool], weights: Sequence[float], read: bool = True) -> None:
+                    is_prefill: Sequence[bool], weights: Sequence[float], read: bool = True,
+                    work_s: bool = False) -> None:
         """Record one finished engine step (parallel sequences, one item per row) and read the
         counters once (unless ``read`` is False: the caller rate-limits reads).
 
@@ -392,6 +398,10 @@ class EnergyAttributor:
         step N is already in step N+1) and stays with that request; a row of a request whose
         final value was already delivered goes to the explicit unreported entry
         (:attr:`unreported_energy_j`), never to a new ledger entry. Empty rows count as idle time.
+
+        ``work_s``: the weights are absolute work, seconds at the GPU's peak rates (own compute
+        and memory traffic plus a share of the step's weight reads). Windows then split their busy
+        energy with a static + work power model (module docstring) instead of by duration alone.
         """
         t = float(self._clock())
         t0 = start_s if start_s > self._boundary_t else self._boundary_t
@@ -426,6 +436,8 @@ class EnergyAttributor:
                     req.lost_mass += m
                 else:
                     req.mass[ph] += m
+                    if work_s:
+                        req.work[ph] += weights[i]
                     req.mass_sq += m * m
                     req.mass_x_step += m * step_m
                     req.mass_share += m * m * inv_step_m
@@ -433,6 +445,8 @@ class EnergyAttributor:
                     req.last_step = step_no
             if not failed:
                 self._n_steps = step_no + 1
+                if work_s:
+                    self._cum_work += wsum
                 self._cum_busy_s += dur
                 self._cum_mass += step_m
                 self._cum_mass_sq += step_m * step_m
@@ -639,6 +653,17 @@ class EnergyAttributor:
                     f_split = _KNOWN_IDLE_REL_ERROR if known else 1.0
             e_busy = de_j - e_idle
             k = e_busy / mass
+            # Static + work model (duration split only): a step draws the static power for its
+            # duration plus energy per unit of work; compute-bound prefill steps draw more power
+            # than memory-bound decode steps of the same length (H200: ~2.8x). Static power is the
+            # measured idle power; the work price is what the window's busy energy leaves.
+            k_time, k_work = k, 0.0
+            work = self._cum_work - self._snap_work[d]
+            if work > 0.0 and not self._split_by_weight:
+                p_static, static_known = self._idle_floor_w(d)
+                if static_known and p_static is not None and e_busy > p_static * mass:
+                    k_work = (e_busy - p_static * mass) / work
+                    k_time = p_static
             split_rel = f_split * e_idle / e_busy if e_busy > 0.0 else 0.0
             inv_mass = 1.0 / mass
             inv_de = 1.0 / de_j
@@ -657,10 +682,16 @@ class EnergyAttributor:
                     m_d = mass_ph[1] - snap[1]
                     snap[0] = mass_ph[0]
                     snap[1] = mass_ph[1]
-                    req.energy_j[0] += k * m_p
-                    req.energy_j[1] += k * m_d
+                    wk = req.work
+                    swk = req.snap_work[d]
+                    e_p = k_time * m_p + k_work * (wk[0] - swk[0])
+                    e_d = k_time * m_d + k_work * (wk[1] - swk[1])
+                    swk[0] = wk[0]
+                    swk[1] = wk[1]
+                    req.energy_j[0] += e_p
+                    req.energy_j[1] += e_d
                     m_rw = m_p + m_d
-                    e_rw = k * m_rw
+                    e_rw = e_p + e_d
                     # sum over the window's steps of (m_rs - F M_s)^2, F = m_rw / mass
                     f_share = m_rw * inv_mass
                     sq = req.mass_sq - req.snap_sq[d]
@@ -703,6 +734,7 @@ class EnergyAttributor:
         self._snap_steps[d] = self._n_steps
         self._snap_busy_s[d] = self._cum_busy_s
         self._snap_mass[d] = self._cum_mass
+        self._snap_work[d] = self._cum_work
         self._snap_mass_sq[d] = self._cum_mass_sq
 
     def _fail(self, reason: str) -> None:

@@ -130,7 +130,7 @@ class EngineMeter:
             if read:
                 self._last_read_t = now
             self.attributor.record_step(start, now, [r[0] for r in rows], [r[1] == "prefill" for r in rows],
-                                        w, read=read)
+                                        w, read=read, work_s=self._costs is not None)
             self.steps += 1
             if self._deferred:
                 for rid in [r for r in self._deferred if r in rids]:

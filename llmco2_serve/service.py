@@ -263,6 +263,8 @@ class EnergyService:
         self._awaiting_final: collections.OrderedDict[str, tuple[RequestPrediction, int | None]] = (
             collections.OrderedDict())
         self._books: dict[tuple[str, str], float] = {}
+        # Final values that came before their request's final output was processed (bounded).
+        self._early_finals: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.engine_sources: dict[int, str] = {}
         self.finals_received = 0
         self.finals_missed = 0  # predictions dropped before their final arrived (bound reached)
@@ -460,6 +462,9 @@ class EnergyService:
                 while len(self._awaiting_final) > _MAX_AWAITING_FINAL:
                     self._awaiting_final.popitem(last=False)
                     self.finals_missed += 1
+            early = self._early_finals.pop(request_id, None)
+        if early is not None:
+            self._take_final(early)
         attrs: dict[str, tm.AttributeValue] = tm.context_attributes(
             gpu=self.gpu_label, n_gpu=self.model.n_gpu, gpu_source=self.gpu_source,
             intensity_g_per_kwh=self.settings.intensity_g_per_kwh, pue=self.settings.pue,
@@ -515,41 +520,54 @@ class EnergyService:
             self._take_books(books)
         n = 0
         for row in msg.get("finals") or ():
-            rid, pre, dec, unc, est, source, n_steps, n_pre, aborted = row[:9]
-            extra = row[9:]
-            mean_batch = float(extra[0]) if len(extra) > 0 and extra[0] is not None else None
-            cached = int(extra[1]) if len(extra) > 1 and extra[1] is not None else None
-            gen_engine = int(extra[2]) if len(extra) > 2 and extra[2] is not None else None
-            with self._lock:
-                held = self._awaiting_final.pop(rid, None)
-                if held is None:
-                    pred = self._pending.pop(rid, None)  # aborted before any span
-                    gen = gen_engine
-                else:
-                    pred, gen = held
-                    gen = gen if gen is not None else gen_engine
-            # A request the API side finished (span made) completed, even when the engine saw an
-            # abort: a stop string is detected here and the engine is told to abort it.
-            completed = held is not None
             n += 1
             self.finals_received += 1
-            if pre is None or dec is None:
-                continue
-            energy = pre + dec
-            co2 = operational_co2_g(max(0.0, energy), self.settings.pue, self.settings.intensity_g_per_kwh)
-            self.metrics.record_measured(
-                model=self.model.model_name, source=str(source), prefill_energy_j=max(0.0, pre),
-                decode_energy_j=max(0.0, dec), co2_g=co2,
-                predicted_prefill_energy_j=pred.prefill_energy_j if pred is not None and completed else None,
-                predicted_decode_energy_j=pred.decode_energy_j if pred is not None and completed else None)
-            self.measured_energy_j += max(0.0, pre) + max(0.0, dec)
-            # Pairs learn only from complete NVML measurements of requests that ran to the end.
-            if source == "nvml" and pred is not None and completed and gen:
-                self._keep_pair(pred, int(gen), {
-                    "prefill_energy_j": pre, "decode_energy_j": dec, "energy_j": energy, "uncertainty_j": unc,
-                    "estimated_energy_j": est, "n_preemptions": n_pre, "n_steps": n_steps,
-                    "mean_batch": mean_batch, "cached_tokens": cached})
+            rid, aborted = row[0], bool(row[8])
+            with self._lock:
+                early = not aborted and rid not in self._awaiting_final and rid in self._pending
+                if early:  # its final output is still on its way (same or a later batch): park it
+                    self._early_finals[rid] = row
+                    while len(self._early_finals) > _MAX_AWAITING_FINAL:
+                        self._early_finals.popitem(last=False)
+                        self.finals_missed += 1
+            if not early:
+                self._take_final(row)
         return n
+
+    def _take_final(self, row: Sequence[Any]) -> None:
+        """One final value: measured metrics, relative error and a retraining pair."""
+        rid, pre, dec, unc, est, source, n_steps, n_pre, aborted = row[:9]
+        extra = row[9:]
+        mean_batch = float(extra[0]) if len(extra) > 0 and extra[0] is not None else None
+        cached = int(extra[1]) if len(extra) > 1 and extra[1] is not None else None
+        gen_engine = int(extra[2]) if len(extra) > 2 and extra[2] is not None else None
+        with self._lock:
+            held = self._awaiting_final.pop(rid, None)
+            if held is None:
+                pred = self._pending.pop(rid, None)  # aborted before any span
+                gen = gen_engine
+            else:
+                pred, gen = held
+                gen = gen if gen is not None else gen_engine
+        # A request the API side finished (span made) completed, even when the engine saw an
+        # abort: a stop string is detected here and the engine is told to abort it.
+        completed = held is not None
+        if pre is None or dec is None:
+            return
+        energy = pre + dec
+        co2 = operational_co2_g(max(0.0, energy), self.settings.pue, self.settings.intensity_g_per_kwh)
+        self.metrics.record_measured(
+            model=self.model.model_name, source=str(source), prefill_energy_j=max(0.0, pre),
+            decode_energy_j=max(0.0, dec), co2_g=co2,
+            predicted_prefill_energy_j=pred.prefill_energy_j if pred is not None and completed else None,
+            predicted_decode_energy_j=pred.decode_energy_j if pred is not None and completed else None)
+        self.measured_energy_j += max(0.0, pre) + max(0.0, dec)
+        # Pairs learn only from complete NVML measurements of requests that ran to the end.
+        if source == "nvml" and pred is not None and completed and gen:
+            self._keep_pair(pred, int(gen), {
+                "prefill_energy_j": pre, "decode_energy_j": dec, "energy_j": energy, "uncertainty_j": unc,
+                "estimated_energy_j": est, "n_preemptions": n_pre, "n_steps": n_steps,
+                "mean_batch": mean_batch, "cached_tokens": cached})
 
     def _take_books(self, books: Mapping[str, Any]) -> None:
         """Cumulative energy books of one engine core -> metric deltas (per GPU)."""

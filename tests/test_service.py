@@ -505,3 +505,18 @@ def test_predicted_metrics_are_recorded_in_sums(predictor, tmp_path):
     assert got[("llmco2.co2", None, "predicted")] == pytest.approx(sum(p.co2_g for p in preds))
     svc.flush_metrics()  # nothing new: the totals stay
     assert points()[("llmco2.energy", "prefill", "predicted")] == pytest.approx(sum(p.prefill_energy_j for p in preds))
+
+
+def test_a_final_value_that_arrives_before_its_request_finished_is_kept_for_it(predictor, tmp_path):
+    """The engine's final value can arrive in the same batch as (or before) the request's final
+    output: it must not consume the prediction that the request's span needs."""
+    svc = service(predictor, tmp_path)
+    p = svc.on_request("r", 20, 10, 0)
+    svc.on_engine_finals(json.dumps({"finals": [["r", 1.0, 2.0, 0.1, 0.0, "nvml", 10, 0, False, 1.0, 0, 10]]}))
+    assert svc.measured_energy_j == 0.0  # parked, not yet taken
+    a = svc.on_finished("r", 10, {"prefill_energy_j": 1.0, "decode_energy_j": 2.0, "energy_j": 3.0,
+                                  "uncertainty_j": 0.1, "source": "nvml", "final": True})
+    assert a["llmco2.predicted.energy_j"] == p.energy_j and ERROR_ATTRIBUTE not in a
+    assert svc.measured_energy_j == pytest.approx(3.0)  # taken once the request finished
+    svc.close()
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == 1
