@@ -28,6 +28,15 @@ Splitting a closed window (device ``d``, energy ``dE``, duration ``D``)
        ``step_split="weight"`` it is the sum of its work's weights, which is better when weights
        are predicted joules (prefill-heavy steps draw ~2.8x the power of decode-only ones: H200
        data in ``shared/data/energy``, median 533 W vs 187 W).
+    2b. Static + work model (``record_step(..., work_s=True)``, the plugin's default once its
+       predictor is loaded): weights are absolute work, seconds at the GPU's peak rates, split
+       into a compute part and a memory part (``compute_s``). With a measured idle power
+       ``p_static`` the window's busy energy is ``p_static * T + a * C + b * M`` (``T`` its step
+       time, ``C``/``M`` its compute/memory work); ``a : b`` is learned per device from the
+       deployment's own windows (:meth:`EnergyAttributor._work_prices`: weighted least squares,
+       ridge towards ``a = b``, 20 windows before use), and the window's dynamic energy is scaled
+       to be conserved exactly. Compute-bound prefill chunks thus get the higher power they draw.
+       Without a measured idle power, or with token-count weights, the duration split applies.
     3. Requests: within a step, energy goes to its work items in proportion to ``weight``, into
        the item's phase (``prefill``/``decode``; recompute after preemption counts as prefill).
        An item's mass is ``dur * weight / sum(weights)`` (duration split) or ``weight``.
@@ -134,6 +143,9 @@ _STEP_POWER_REL_SPREAD = 0.5
 # own compute and KV reads from the Roofline model): the predictor's per-kernel Roofline times
 # are within ~30% of measured kernel times for the dense kernels (README accuracy section).
 _ROW_SPLIT_REL_ERROR = 0.3
+_PRICE_DECAY = 0.99  # work-price fit: weight of a window falls by 1% per later window
+_PRICE_MIN_WINDOWS = 20
+_PRICE_RIDGE = 0.05  # pull towards equal compute/memory prices, relative to the data's scale
 _IDLE_WINDOWS_KEPT = 32  # fully idle windows remembered per device for the measured idle power
 _RECENT_DONE = 8192  # ids of delivered requests remembered, so late work is never a new entry
 _MAX_FINALIZED = 65536  # final values kept for pop_finalized when nobody pops (oldest dropped)
@@ -215,7 +227,7 @@ class _Req:
         "rid", "energy_j", "mass", "mass_sq", "mass_x_step", "busy_s", "snap_mass", "snap_sq",
         "snap_x", "snap_busy_s", "var_j2", "win_prev", "q_prev", "lost_j", "lost_mass",
         "n_steps", "n_preemptions", "last_step", "aborted", "mass_share", "snap_share", "rows_seen",
-        "work", "snap_work",
+        "work", "snap_work", "work_c", "snap_work_c",
     )
 
     def __init__(self, rid: str, n_devices: int) -> None:
@@ -238,6 +250,8 @@ class _Req:
         self.n_preemptions = 0
         self.work = [0.0, 0.0]  # per phase: its rows' work, seconds at the GPU's peak rates
         self.snap_work = [[0.0, 0.0] for _ in range(n_devices)]
+        self.work_c = [0.0, 0.0]  # per phase: the compute part of its work (the rest is memory)
+        self.snap_work_c = [[0.0, 0.0] for _ in range(n_devices)]
         self.rows_seen = 0  # sum over its steps of the step's row count (mean batch context)
         self.mass_share = 0.0  # sum over its steps of m_rs^2 / M_s (row-split uncertainty)
         self.snap_share = [0.0] * n_devices
@@ -300,6 +314,7 @@ class EnergyAttributor:
         self._cum_busy_s = 0.0
         self._cum_mass = 0.0
         self._cum_work = 0.0
+        self._cum_work_c = 0.0
         self._cum_mass_sq = 0.0
         self._total_j = 0.0
         self._idle_j = 0.0
@@ -329,6 +344,10 @@ class EnergyAttributor:
         self._snap_busy_s = [0.0] * n
         self._snap_mass = [0.0] * n
         self._snap_work = [0.0] * n
+        self._snap_work_c = [0.0] * n
+        # Per device, exponentially weighted least-squares sums of the work-price fit:
+        # [S_cc, S_cm, S_mm, S_cy, S_my, windows] (see _work_prices).
+        self._price_sums = [[0.0] * 6 for _ in range(n)]
         self._snap_mass_sq = [0.0] * n
         self._window_avg_w: list[deque[tuple[float, bool]]] = [
             deque(maxlen=_IDLE_HISTORY) for _ in range(n)
@@ -389,7 +408,7 @@ class EnergyAttributor:
 
     def record_step(self, start_s: float, end_s: float, request_ids: Sequence[str],
                     is_prefill: Sequence[bool], weights: Sequence[float], read: bool = True,
-                    work_s: bool = False) -> None:
+                    work_s: bool = False, compute_s: Sequence[float] | None = None) -> None:
         """Record one finished engine step (parallel sequences, one item per row) and read the
         counters once (unless ``read`` is False: the caller rate-limits reads).
 
@@ -402,6 +421,8 @@ class EnergyAttributor:
         ``work_s``: the weights are absolute work, seconds at the GPU's peak rates (own compute
         and memory traffic plus a share of the step's weight reads). Windows then split their busy
         energy with a static + work power model (module docstring) instead of by duration alone.
+        ``compute_s``: the compute part of each row's work (the rest is memory traffic); the price
+        of a second of compute vs a second of memory traffic is then learned per device.
         """
         t = float(self._clock())
         t0 = start_s if start_s > self._boundary_t else self._boundary_t
@@ -438,6 +459,8 @@ class EnergyAttributor:
                     req.mass[ph] += m
                     if work_s:
                         req.work[ph] += weights[i]
+                        if compute_s is not None:
+                            req.work_c[ph] += compute_s[i]
                     req.mass_sq += m * m
                     req.mass_x_step += m * step_m
                     req.mass_share += m * m * inv_step_m
@@ -447,6 +470,9 @@ class EnergyAttributor:
                 self._n_steps = step_no + 1
                 if work_s:
                     self._cum_work += wsum
+                    if compute_s is not None:
+                        for c in compute_s:
+                            self._cum_work_c += c
                 self._cum_busy_s += dur
                 self._cum_mass += step_m
                 self._cum_mass_sq += step_m * step_m
@@ -657,12 +683,20 @@ class EnergyAttributor:
             # duration plus energy per unit of work; compute-bound prefill steps draw more power
             # than memory-bound decode steps of the same length (H200: ~2.8x). Static power is the
             # measured idle power; the work price is what the window's busy energy leaves.
-            k_time, k_work = k, 0.0
+            k_time, k_work, k_compute = k, 0.0, 0.0
             work = self._cum_work - self._snap_work[d]
             if work > 0.0 and not self._split_by_weight:
                 p_static, static_known = self._idle_floor_w(d)
                 if static_known and p_static is not None and e_busy > p_static * mass:
-                    k_work = (e_busy - p_static * mass) / work
+                    dyn_j = e_busy - p_static * mass
+                    work_c = self._cum_work_c - self._snap_work_c[d]
+                    price_c, price_m = self._work_prices(d, work_c, work - work_c, dyn_j)
+                    denom = price_c * work_c + price_m * (work - work_c)
+                    if denom > 0.0:  # scaled so that the window's energy is conserved exactly
+                        k_work = price_m * dyn_j / denom
+                        k_compute = (price_c - price_m) * dyn_j / denom
+                    else:
+                        k_work = dyn_j / work
                     k_time = p_static
             split_rel = f_split * e_idle / e_busy if e_busy > 0.0 else 0.0
             inv_mass = 1.0 / mass
@@ -684,10 +718,14 @@ class EnergyAttributor:
                     snap[1] = mass_ph[1]
                     wk = req.work
                     swk = req.snap_work[d]
-                    e_p = k_time * m_p + k_work * (wk[0] - swk[0])
-                    e_d = k_time * m_d + k_work * (wk[1] - swk[1])
+                    wc = req.work_c
+                    swc = req.snap_work_c[d]
+                    e_p = k_time * m_p + k_work * (wk[0] - swk[0]) + k_compute * (wc[0] - swc[0])
+                    e_d = k_time * m_d + k_work * (wk[1] - swk[1]) + k_compute * (wc[1] - swc[1])
                     swk[0] = wk[0]
                     swk[1] = wk[1]
+                    swc[0] = wc[0]
+                    swc[1] = wc[1]
                     req.energy_j[0] += e_p
                     req.energy_j[1] += e_d
                     m_rw = m_p + m_d
@@ -735,7 +773,55 @@ class EnergyAttributor:
         self._snap_busy_s[d] = self._cum_busy_s
         self._snap_mass[d] = self._cum_mass
         self._snap_work[d] = self._cum_work
+        self._snap_work_c[d] = self._cum_work_c
         self._snap_mass_sq[d] = self._cum_mass_sq
+
+    def _work_prices(self, d: int, work_c: float, work_m: float, dyn_j: float) -> tuple[float, float]:
+        """Relative price of a second of compute and of memory traffic on device ``d``.
+
+        Each closed window is one observation ``dyn_j = a * work_c + b * work_m`` (its busy energy
+        above static power). Windows differ in their mix (prefill-heavy vs decode-only), so the
+        deployment's own counters tell compute and memory work apart: an exponentially weighted
+        (0.99 per window) least-squares fit with a ridge pulling ``a`` towards ``b`` (equal
+        prices: the Roofline's assumption) until the data say otherwise. Returns (1, 1) until 20
+        windows were seen or when the fit is not positive.
+        """
+        sums = self._price_sums[d]
+        decay = _PRICE_DECAY
+        for i in range(5):
+            sums[i] *= decay
+        sums[0] += work_c * work_c
+        sums[1] += work_c * work_m
+        sums[2] += work_m * work_m
+        sums[3] += work_c * dyn_j
+        sums[4] += work_m * dyn_j
+        sums[5] += 1
+        return self._solve_prices(sums)
+
+    @staticmethod
+    def _solve_prices(sums: list[float]) -> tuple[float, float]:
+        if sums[5] < _PRICE_MIN_WINDOWS:
+            return 1.0, 1.0
+        s_cc, s_cm, s_mm, s_cy, s_my = sums[:5]
+        mu = _PRICE_RIDGE * (s_cc + s_mm) * 0.5
+        a11, a12, a22 = s_cc + mu, s_cm - mu, s_mm + mu
+        det = a11 * a22 - a12 * a12
+        if not det > 0.0:
+            return 1.0, 1.0
+        a = (s_cy * a22 - a12 * s_my) / det
+        b = (a11 * s_my - a12 * s_cy) / det
+        if not (a > 0.0 and b > 0.0):
+            return 1.0, 1.0
+        return a, b
+
+    def work_price_ratios(self) -> list[float | None]:
+        """Per device: fitted price of a second of compute / a second of memory traffic, or None
+        while the fit is not in use (fewer than 20 windows, or not positive)."""
+        out: list[float | None] = []
+        for sums in self._price_sums:
+            a, b = self._solve_prices(sums)
+            out.append(None if (a, b) == (1.0, 1.0) else a / b)
+        return out
 
     def _fail(self, reason: str) -> None:
         """Stop reading; turn the work in every open window into lost (estimated) energy."""

@@ -84,30 +84,40 @@ class EngineMeter:
 
     def weights(self, rows: Sequence[StepRow]) -> list[float]:
         """Relative cost of each row (finite, > 0): own cost + shared cost / rows."""
+        return self.weights_and_compute(rows)[0]
+
+    def weights_and_compute(self, rows: Sequence[StepRow]) -> tuple[list[float], list[float] | None]:
+        """(row weights, the compute part of each) in seconds at peak rates; the compute parts
+        are None while rows are weighted by token counts (no predictor)."""
         costs = self._costs
         n_rows = len(rows)
         if costs is None or not n_rows:
-            return [float(max(1, r[2])) for r in rows]
-        decode_row_s = costs.decode_row_s
+            return [float(max(1, r[2])) for r in rows], None
+        parts = costs.decode_row_parts_s
         out = [0.0] * n_rows
+        comp = [0.0] * n_rows
         multi = []
         total_tokens = 0
         for i, r in enumerate(rows):
             n = r[2]
             total_tokens += n
             if n == 1:
-                out[i] = decode_row_s(r[3])
+                out[i], comp[i] = parts(r[3])
             else:
                 multi.append(i)
         if multi:
-            c = costs.rows_s([rows[i][2] for i in multi], [rows[i][3] for i in multi])
+            ns = [rows[i][2] for i in multi]
+            ctx = [rows[i][3] for i in multi]
+            c = costs.rows_s(ns, ctx)
+            cc = costs.rows_compute_s(ns, ctx)
             for j, i in enumerate(multi):
                 out[i] = float(c[j])
+                comp[i] = float(cc[j])
         share = costs.shared_step_s(total_tokens) / n_rows
         out = [x + share for x in out]
-        if all(x > 0 and math.isfinite(x) for x in out):
-            return out
-        return [float(max(1, r[2])) for r in rows]
+        if all(x > 0 and math.isfinite(x) for x in out) and all(math.isfinite(x) for x in comp):
+            return out, comp
+        return [float(max(1, r[2])) for r in rows], None
 
     def step_started(self, key: Any, rows: Sequence[StepRow]) -> None:
         """A step was scheduled (``rows``: its work); its compute starts now."""
@@ -125,12 +135,12 @@ class EngineMeter:
                 self._maybe_read(now, force=False, poll=True)
                 return
             start, rows, rids = item
-            w = self.weights(rows)
+            w, comp = self.weights_and_compute(rows)
             read = now - self._last_read_t >= self.min_read_interval_s
             if read:
                 self._last_read_t = now
             self.attributor.record_step(start, now, [r[0] for r in rows], [r[1] == "prefill" for r in rows],
-                                        w, read=read, work_s=self._costs is not None)
+                                        w, read=read, work_s=comp is not None, compute_s=comp)
             self.steps += 1
             if self._deferred:
                 for rid in [r for r in self._deferred if r in rids]:

@@ -46,6 +46,7 @@ class StepCostModel:
     """
 
     own_coef_s: tuple[float, float, float]
+    own_compute_coef_s: tuple[float, float, float]
     head_row_s: float
     shared_s: float
     expert_pass_s: float
@@ -64,7 +65,8 @@ class StepCostModel:
         # per node, per unit of each segment quantity: compute time + memory/network time
         mem_s = np.where(is_ar, t.coef_net / t.network_bandwidth_bytes_per_s,
                          t.coef_mem / t.memory_bandwidth_bytes_per_s)
-        per_var_s = layers * (t.coef_ops / t.peak_ops_per_s + mem_s).sum(axis=1)  # (5,)
+        compute_var_s = layers * (t.coef_ops / t.peak_ops_per_s).sum(axis=1)  # (5,)
+        per_var_s = compute_var_s + layers * mem_s.sum(axis=1)
         one = Segment.chunk(1, np.array([1.0]), np.array([0.0]))
         _, head_mem, _, head_matmul = t.head_costs(one)
         tp = float(predictor.parallelism.tensor_parallel)
@@ -72,6 +74,7 @@ class StepCostModel:
         head_weights_s = float(np.asarray(head_mem).reshape(-1)[0]) / (t.memory_bandwidth_bytes_per_s * tp)
         return cls(
             own_coef_s=(float(per_var_s[0]), float(per_var_s[1]), float(per_var_s[2])),
+            own_compute_coef_s=(float(compute_var_s[0]), float(compute_var_s[1]), float(compute_var_s[2])),
             head_row_s=head_row_s,
             shared_s=float(per_var_s[3]) + head_weights_s,
             expert_pass_s=float(per_var_s[4]),
@@ -90,6 +93,23 @@ class StepCostModel:
             keys = (1.0 - self.window_fraction) * keys + self.window_fraction * w
         c_tok, c_pair, c_kv = self.own_coef_s
         return c_tok + (c_pair + c_kv) * keys + self.head_row_s
+
+    def decode_row_parts_s(self, context_len: int) -> tuple[float, float]:
+        """(own cost, its compute part) of one decode token: :meth:`decode_row_s` split."""
+        keys = context_len + 1.0
+        w = self.window
+        if w is not None and keys > w:
+            keys = (1.0 - self.window_fraction) * keys + self.window_fraction * w
+        c_tok, c_pair, c_kv = self.own_coef_s
+        k_tok, k_pair, k_kv = self.own_compute_coef_s
+        return (c_tok + (c_pair + c_kv) * keys + self.head_row_s,
+                k_tok + (k_pair + k_kv) * keys + self.head_row_s)
+
+    def rows_compute_s(self, new_tokens: Any, context_len: Any) -> np.ndarray:
+        """The compute part (ops at peak) of :meth:`rows_s`; the rest is memory traffic."""
+        seg = Segment.chunk(1, np.asarray(new_tokens, float), np.asarray(context_len, float))
+        v = np.atleast_2d(self._template._segment_vars(seg))
+        return v[:, :3] @ np.asarray(self.own_compute_coef_s) + self.head_row_s
 
     def rows_s(self, new_tokens: Any, context_len: Any) -> np.ndarray:
         """Own cost of rows of any size (prefill chunks too), shape of the broadcast inputs."""

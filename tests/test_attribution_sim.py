@@ -23,8 +23,9 @@ simulated steps rather than from the code:
   1 x uncertainty, and a median relative uncertainty <= 25% so that coverage is not bought with
   huge error bars.
 
-Defects of issue 6 that the lead has not fixed yet are marked ``xfail(strict=True)`` with the
-defect's number; remove the mark when the fix lands (strict: an unexpected pass fails).
+Defect 4's remaining part (compute-bound prefill draws more power than memory-bound decode)
+is met by the meter's static + work model with per-device compute/memory prices learned from the
+counter windows (``EnergyAttributor._work_prices``), never from this harness's truth.
 """
 
 from __future__ import annotations
@@ -47,10 +48,6 @@ from sim_engine import (
 
 from llmco2_serve.predictor import Predictor
 
-_DEFECT_4_POWER = (
-    "issue 6 defect 4 (remaining part): row and step weights are Roofline seconds and a window is "
-    "split between its steps by duration, so compute-bound prefill work, which draws ~2x the power "
-    "of decode, gets ~55-60% of its energy")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +137,6 @@ def test_async_trace_every_request_gets_one_final_value(async_trace):
     assert all(o.final.source == "fake" and o.final.energy_j > 0 for o in aborted)
 
 
-@pytest.mark.xfail(strict=True, reason=_DEFECT_4_POWER)
 def test_async_trace_error_against_truth(async_trace):
     _assert_error_bounds(async_trace)
 
@@ -190,7 +186,6 @@ def test_3000_async_requests_at_batch_32_leave_no_ghosts(predictor):
 
 
 # --------------------------------------------------------------------------- mixed step
-@pytest.mark.xfail(strict=True, reason=_DEFECT_4_POWER)
 def test_512_token_chunk_among_32_decode_rows_gets_its_share(predictor):
     """32 requests decode (context ~200-1400); ten times a 512-token prompt arrives and is
     scheduled as one chunk with the 32 decode rows. In the truth the chunk is ~2/3 of that
@@ -213,7 +208,6 @@ def test_512_token_chunk_among_32_decode_rows_gets_its_share(predictor):
 
 
 # --------------------------------------------------------------------------- preemption
-@pytest.mark.xfail(strict=True, reason=_DEFECT_4_POWER)
 def test_preemption_with_prefix_hits_keeps_phases(predictor):
     """KV cache too small for the batch: requests are preempted and resumed with a prefix-cache
     hit on part of what they had computed; the recompute of prompt positions is prefill, of
@@ -269,7 +263,6 @@ def test_request_after_30s_idle_is_measured_tightly(predictor):
 
 
 # --------------------------------------------------------------------------- devices
-@pytest.mark.xfail(strict=True, reason=_DEFECT_4_POWER)
 def test_tp4_offset_update_instants(predictor):
     """TP=4: four counters with their own periods (20-100 ms), jitter and phases; each device's
     windows close at other instants. Conservation over the four, and the same error bounds."""
