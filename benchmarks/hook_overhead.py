@@ -1,13 +1,14 @@
 """CPU cost the plugin adds inside vLLM, measured directly (deterministic, unlike end-to-end runs).
 
-* engine core, per step: ``EngineMeter.step_started`` + ``step_finished`` (step weights from the
-  predictor, NVML-style counter read, attribution), for 8/32/128 requests per step, with a fake NVML
-  whose counter behaves like the real one (mJ, 100 ms updates);
+* engine core, per step: the scheduler hooks' work (``step_rows``, ``EngineMeter.step_started``,
+  ``step_finished``, ``finished``, ``pop_final``) at 32 and 128 rows per step under vLLM's step
+  pattern (async scheduling, chunked prefill mixed with decode, churn over 100k requests) with TP=8
+  fake NVML devices whose counters behave like the real one (mJ, 100 ms updates, offset phases);
 * API server, per request: ``EnergyService.on_request`` (prediction) + ``on_finished`` (span attributes).
 
 Compare with vLLM's own step time (a Llama-3.1-8B decode step at batch 32 on an H100 is ~15-25 ms):
 the engine-core cost is serial with the step, so cost / step time is the throughput loss bound.
-Run: python benchmarks/hook_overhead.py [--json OUT]
+Run: python benchmarks/hook_overhead.py [--json OUT] [--requests N]   (targets: <= 60 us at 32 rows, <= 150 us at 128)
 """
 
 from __future__ import annotations
@@ -28,26 +29,82 @@ LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 143
             "architectures": ["LlamaForCausalLM"]}
 
 
-def engine_step_us(batch: int, steps: int = 2000) -> float:
+class _Req:
+    __slots__ = ("request_id", "num_prompt_tokens", "num_computed_tokens", "num_output_tokens", "target")
+
+    def __init__(self, rid: str, prompt: int, target: int) -> None:
+        self.request_id, self.num_prompt_tokens, self.num_computed_tokens = rid, prompt, 0
+        self.num_output_tokens, self.target = 0, target
+
+
+def engine_step_us(batch: int, n_requests: int = 100_000, tp: int = 8, chunk: int = 512,
+                   seed: int = 0) -> dict:
+    """Per-step cost of the engine-core hooks under vLLM's real step pattern.
+
+    ``batch`` running requests, TP ``tp`` fake NVML devices with offset 100 ms counter updates,
+    async scheduling (step N+1 is scheduled before step N finishes), chunked prefill (prompts of
+    50-3000 tokens in chunks of <= ``chunk`` tokens, mixed with decode rows), churn (outputs of
+    5-200 tokens, a new request as soon as one finishes, ``n_requests`` in all). Timed: the
+    scheduler hook (``step_rows`` + ``step_started``), the update hook (``step_finished``),
+    ``finished`` of each finishing request and ``pop_final`` once per step, as hooks/engine_core.py
+    calls them. Returns mean microseconds per step overall and in the first/last 10% of requests.
+    """
+    from types import SimpleNamespace
+
+    from hooks.engine_core import step_rows
+
     clock = ManualClock()
-    reader = FakeEnergyReader([300.0], clock=clock)
+    reader = FakeEnergyReader([300.0] * tp, clock=clock, phase_s=[0.1 * d / tp for d in range(tp)])
     meter = EngineMeter(reader, Predictor.from_config(LLAMA_8B, gpu="h100"), clock=clock)
-    rng = np.random.default_rng(0)
-    ctx = rng.integers(100, 4000, batch)
-    cost = 0.0
-    for s in range(steps):
-        # mostly decode, a prefill chunk every 8th step, requests keep their ids across steps
-        rows = [(f"r{i}", "decode", 1, int(ctx[i] + s)) for i in range(batch)]
-        if s % 8 == 0:
-            rows[0] = (f"p{s}", "prefill", 512, 0)
-        t = time.perf_counter()
-        meter.step_started(s, rows)
+    rng = np.random.default_rng(seed)
+    sched = SimpleNamespace(requests={})
+    started = finished = 0
+    costs: list[tuple[int, float]] = []
+    prev_key = None
+    step = 0
+    while finished < n_requests:
+        while len(sched.requests) < batch and started < n_requests:
+            rid = f"req-{started}"
+            sched.requests[rid] = _Req(rid, int(rng.integers(50, 3000)), int(rng.integers(5, 200)))
+            started += 1
+        # schedule: every running request gets its next chunk or decode token (token budget ignored)
+        scheduled = {}
+        for r in sched.requests.values():
+            n = min(chunk, r.num_prompt_tokens - r.num_computed_tokens) if r.num_computed_tokens < r.num_prompt_tokens else 1
+            r.num_computed_tokens += n
+            scheduled[r.request_id] = n
+        so = SimpleNamespace(num_scheduled_tokens=scheduled, scheduled_spec_decode_tokens={})
+        t0 = time.perf_counter()
+        meter.step_started(step, step_rows(sched, so))
+        cost = time.perf_counter() - t0
         clock.advance(0.02)
-        meter.step_finished(s)
-        cost += time.perf_counter() - t
-        if s % 8 == 0:
-            meter.finished(f"p{s}")
-    return cost / steps * 1e6
+        if prev_key is not None:  # async: the previous step finishes after this one was scheduled
+            t0 = time.perf_counter()
+            meter.step_finished(prev_key)
+            cost += time.perf_counter() - t0
+        done = []
+        for r in sched.requests.values():
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                r.num_output_tokens += 1
+                if r.num_output_tokens >= r.target:
+                    done.append(r.request_id)
+        t0 = time.perf_counter()
+        for rid in done:
+            meter.finished(rid)
+            del sched.requests[rid]
+        meter.pop_final()
+        cost += time.perf_counter() - t0
+        finished += len(done)
+        costs.append((finished, cost))
+        prev_key = step
+        step += 1
+    us = np.array([c for _, c in costs]) * 1e6
+    done_at = np.array([f for f, _ in costs])
+    first = us[done_at <= n_requests * 0.1]
+    last = us[done_at >= n_requests * 0.9]
+    return {"us_per_step": float(us.mean()), "first_10pct_us": float(first.mean()),
+            "last_10pct_us": float(last.mean()), "steps": len(us),
+            "live_ledger_entries_at_end": meter.attributor.live_requests}
 
 
 def api_request_us(n: int = 2000) -> float:
@@ -66,13 +123,15 @@ def api_request_us(n: int = 2000) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")
+    ap.add_argument("--requests", type=int, default=100_000)
     args = ap.parse_args()
-    result = {f"engine_step_us_batch_{b}": engine_step_us(b) for b in (8, 32, 128)}
+    result: dict = {}
+    for b in (32, 128):
+        r = result[f"engine_batch_{b}"] = engine_step_us(b, n_requests=args.requests)
+        print(f"engine core, {b:3d} rows/step, TP=8, churn over {args.requests} requests, chunked prefill, "
+              f"async: {r['us_per_step']:6.1f} us per step (first 10%: {r['first_10pct_us']:.1f}, "
+              f"last 10%: {r['last_10pct_us']:.1f}; {r['us_per_step'] / 200:.2f}% of a 20 ms GPU step)")
     result["api_per_request_us"] = api_request_us()
-    for b in (8, 32, 128):
-        us = result[f"engine_step_us_batch_{b}"]
-        print(f"engine core, {b:3d} requests/step: {us:7.1f} us per step "
-              f"({us / 200:.2f}% of a 20 ms GPU step)")
     print(f"API server, per request (predict + span attributes): {result['api_per_request_us']:.0f} us")
     if args.json:
         with open(args.json, "w") as f:

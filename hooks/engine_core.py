@@ -189,6 +189,15 @@ class EngineSide:
     def _idle_loop(self) -> None:
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 
+        try:  # the engine is idle at start-up: measure the counters' real update period first
+            meter = self.meter
+            if meter is not None and meter.source in ("nvml", "fake"):
+                period = meter.measure_update_period()
+                log_once("period", logging.INFO, "llmco2 engine core: counter update period %s",
+                         f"{period * 1e3:.1f} ms (measured)" if period else
+                         f"not measured (counters did not move), {meter.attributor.update_period_s * 1e3:.0f} ms assumed")
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            failed("engine_core.run_busy_loop", e)
         while not self._stop.wait(_IDLE_POLL_S):
             try:
                 meter = self.meter

@@ -500,6 +500,18 @@ class EnergyAttributor:
         req = self._reqs[rid] = _Req(rid, self._n_devices)
         return req
 
+    def set_update_period(self, period_s: float) -> None:
+        """Use a measured counter update period (seconds) from now on: for the boundary and
+        resolution uncertainty, and for stall detection (at least 20 periods without a change)."""
+        if not (period_s > 0 and math.isfinite(period_s)):
+            raise ValueError(f"update period must be finite and > 0, got {period_s}")
+        self._update_period_s = float(period_s)
+        self._max_open_s = max(self._max_open_s, 20.0 * float(period_s))
+
+    @property
+    def update_period_s(self) -> float:
+        return self._update_period_s
+
     def poll(self) -> None:
         """Read the counters with no work. Call it while the engine idles (an idle poller at a
         bounded rate): it closes windows, delivers final values and measures idle power."""

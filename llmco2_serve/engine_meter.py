@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .attribution import EnergyAttributor, MeasuredEnergy, ScheduledWork
-from .gpu_energy import EnergyReader
+from .gpu_energy import EnergyReader, measure_update_period_s
 from .step_costs import StepCostModel
 
 __all__ = ["EngineMeter", "StepRow"]
@@ -185,6 +185,16 @@ class EngineMeter:
             self._last_read_t = now
             self.attributor.poll()
         return True
+
+    def measure_update_period(self, **kwargs: Any) -> float | None:
+        """Measure the counters' update period (:func:`measure_update_period_s`, ~0.3-1.5 s of
+        reads; call it while idle, e.g. at engine start-up) and use it from then on."""
+        with self._lock:
+            period = measure_update_period_s(self.reader, **kwargs)
+            if period is not None:
+                self.attributor.set_update_period(period)
+                self.min_read_interval_s = period / 10.0
+            return period
 
     def pop_final(self) -> list[MeasuredEnergy]:
         """Final values of finished requests since the last call (each request exactly once)."""

@@ -746,6 +746,42 @@ class CodecarbonCpuEstimateReader:
         pass
 
 
+def measure_update_period_s(reader: EnergyReader, *, clock: Callable[[], float] = time.monotonic,
+                            sleep: Callable[[float], None] = time.sleep, max_s: float = 1.5,
+                            poll_s: float = 0.002, changes: int = 4) -> float | None:
+    """The counters' update period, measured: read them every ``poll_s`` for up to ``max_s`` and
+    take the median spacing of the instants at which a counter changed (each device's own
+    spacings; the median over all). None when no device changed ``changes`` times (an idle GPU
+    whose counter moves by less than 1 mJ per update, a stalled counter).
+
+    Real periods vary by GPU and driver (~100 ms on H100/H200, 20-50 ms on others), and the
+    attribution's boundary uncertainty and stall detection both scale with it.
+    """
+    names = reader.device_names()
+    if not names:
+        return None
+    last = list(reader.energy_mj())
+    seen: list[list[float]] = [[] for _ in names]
+    t_end = clock() + max_s
+    while clock() < t_end:
+        sleep(poll_s)
+        try:
+            values = reader.energy_mj()
+        except EnergyReaderError:
+            continue
+        t = clock()
+        for d, v in enumerate(values):
+            if v != last[d]:
+                seen[d].append(t)
+                last[d] = v
+        if all(len(x) >= changes for x in seen):
+            break
+    gaps = sorted(b - a for x in seen if len(x) >= changes for a, b in zip(x, x[1:]))
+    if not gaps:
+        return None
+    return gaps[len(gaps) // 2]
+
+
 def _process_tree_pids() -> set[int]:
     """This process, its ancestors and its descendants (vLLM's workers are children)."""
     me = os.getpid()

@@ -316,3 +316,22 @@ def test_shared_gpu_is_detected_mig_and_foreign_processes():
     finally:
         child.kill()
         subprocess.run(["kill", str(orphan)])
+
+
+def test_update_period_is_measured_not_assumed():
+    """Issue 6.9: the counter's period varies by GPU and driver; measure it when the reader opens."""
+    from llmco2_serve.engine_meter import EngineMeter
+    from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock, measure_update_period_s
+
+    for true_period in (0.02, 0.1, 0.25):
+        clock = ManualClock(0.0)
+        reader = FakeEnergyReader([200.0, 300.0], clock=clock, update_period_s=true_period, phase_s=[0.0, 0.013])
+        reader.update_period_s = 0.1  # what the reader would assume
+        got = measure_update_period_s(reader, clock=clock, sleep=clock.advance, max_s=2.0, poll_s=0.001)
+        assert got == pytest.approx(true_period, abs=0.0011)
+        meter = EngineMeter(reader, clock=clock)
+        assert meter.measure_update_period(clock=clock, sleep=clock.advance, max_s=2.0, poll_s=0.001) == \
+            pytest.approx(true_period, abs=0.0011)
+        assert meter.attributor.update_period_s == pytest.approx(true_period, abs=0.0011)
+    idle = FakeEnergyReader(0.0, clock=(c := ManualClock(0.0)))  # a counter that never moves
+    assert measure_update_period_s(idle, clock=c, sleep=c.advance, max_s=0.5) is None
