@@ -4,12 +4,13 @@ in ``process_outputs``, put both on vLLM's own ``llm_request`` span (ledger entr
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 from typing import Any
 
 from llmco2_serve.service import (
-    ERROR_ATTRIBUTE, FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, decode_measured,
+    ERROR_ATTRIBUTE, FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, MEASURED_SOURCE_PENDING, decode_measured,
 )
 
 from . import _state
@@ -22,6 +23,26 @@ logger = logging.getLogger("vllm.llmco2")
 _SPAN_ATTRS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("llmco2_span_attrs", default=None)
 # request id -> attributes, between process_outputs and do_tracing (same call).
 _stash: dict[str, dict] = {}
+# The request whose llm_request span is being built (do_tracing -> instrument_manual).
+_SPAN_RID: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmco2_span_rid", default=None)
+# Trace context of spans that went out with measured source "pending" (stop strings): their final
+# value follows as an llmco2.measurement span in the same trace. Bounded: oldest dropped first.
+_pending_ctx: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_MAX_PENDING_CTX = 16384
+
+
+def _emit_late_measurement(request_id: str, attributes: dict) -> None:
+    """EnergyService.late_measurement_hook: the final value of a request whose span said pending,
+    as a span ``llmco2.measurement`` with the same parent (the request's trace)."""
+    ctx = _pending_ctx.pop(request_id, None)
+    if ctx is None:
+        return
+    from opentelemetry import trace
+
+    span = trace.get_tracer("llmco2_serve").start_span("llmco2.measurement", context=ctx[0],
+                                                       start_time=ctx[1])
+    span.set_attributes({**attributes, "llmco2.request_id": request_id})
+    span.end()
 
 
 def service():
@@ -148,10 +169,12 @@ def _wrap_do_tracing(orig):
             failed("output_processor.do_tracing", e)
             attrs = {ERROR_ATTRIBUTE: f"{type(e).__name__}: {e}"}
         token = _SPAN_ATTRS.set(attrs)
+        token_rid = _SPAN_RID.set(getattr(req_state, "request_id", None))
         try:
             return orig(self, engine_core_output, req_state, iteration_stats, *args, **kwargs)
         finally:
             _SPAN_ATTRS.reset(token)
+            _SPAN_RID.reset(token_rid)
     return do_tracing
 
 
@@ -165,6 +188,16 @@ def _wrap_instrument_manual(orig):
                     attributes = args[1]
                 if attributes is not None:
                     attributes.update(extra)
+                if extra.get("llmco2.measured.source") == MEASURED_SOURCE_PENDING:
+                    rid = _SPAN_RID.get()
+                    svc = service()
+                    if rid is not None and svc is not None:
+                        ctx = kwargs.get("context") if "context" in kwargs else (args[2] if len(args) > 2 else None)
+                        end = kwargs.get("end_time") if "end_time" in kwargs else (args[0] if args else None)
+                        _pending_ctx[rid] = (ctx, end)
+                        while len(_pending_ctx) > _MAX_PENDING_CTX:
+                            _pending_ctx.popitem(last=False)
+                        svc.late_measurement_hook = _emit_late_measurement
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("output_processor.instrument_manual", e)
         return orig(span_name, start_time, *args, **kwargs)

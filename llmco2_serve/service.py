@@ -265,6 +265,10 @@ class EnergyService:
         self._books: dict[tuple[str, str], float] = {}
         # Final values that came before their request's final output was processed (bounded).
         self._early_finals: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        # Called with (request_id, measured span attributes) when the final value of a request whose
+        # span said "pending" arrives (hooks: a follow-up span in the request's trace).
+        self.late_measurement_hook: Callable[[str, dict[str, tm.AttributeValue]], None] | None = None
+        self._span_pending: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.engine_sources: dict[int, str] = {}
         self.finals_received = 0
         self.finals_missed = 0  # predictions dropped before their final arrived (bound reached)
@@ -485,6 +489,11 @@ class EnergyService:
             attrs[ERROR_ATTRIBUTE] = "no prediction recorded for this request"
         if not measured:
             source = MEASURED_SOURCE_PENDING if self._engine_measuring() else tm.MEASURED_SOURCE_UNAVAILABLE
+            if source == MEASURED_SOURCE_PENDING:
+                with self._lock:
+                    self._span_pending[request_id] = None
+                    while len(self._span_pending) > _MAX_AWAITING_FINAL:
+                        self._span_pending.popitem(last=False)
             attrs.update(tm.measured_attributes(prefill_energy_j=None, decode_energy_j=None, energy_j=None,
                                                 co2_g=None, source=source, uncertainty_j=None))
             return attrs
@@ -562,6 +571,18 @@ class EnergyService:
             predicted_prefill_energy_j=pred.prefill_energy_j if pred is not None and completed else None,
             predicted_decode_energy_j=pred.decode_energy_j if pred is not None and completed else None)
         self.measured_energy_j += max(0.0, pre) + max(0.0, dec)
+        with self._lock:
+            late = self._span_pending.pop(rid, "no") is None
+        hook = self.late_measurement_hook
+        if late and hook is not None:
+            attrs = tm.measured_attributes(
+                prefill_energy_j=max(0.0, pre), decode_energy_j=max(0.0, dec), energy_j=max(0.0, pre) + max(0.0, dec),
+                co2_g=co2, source=str(source), uncertainty_j=_clip0(unc))
+            attrs["llmco2.measured.final"] = True
+            try:
+                hook(rid, attrs)
+            except Exception as e:  # noqa: BLE001 - fail-open: telemetry never breaks accounting
+                logger.debug("llmco2: late measurement span failed: %s", e)
         # Pairs learn only from complete NVML measurements of requests that ran to the end.
         if source == "nvml" and pred is not None and completed and gen:
             self._keep_pair(pred, int(gen), {

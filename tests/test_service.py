@@ -520,3 +520,22 @@ def test_a_final_value_that_arrives_before_its_request_finished_is_kept_for_it(p
     assert svc.measured_energy_j == pytest.approx(3.0)  # taken once the request finished
     svc.close()
     assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_span_that_said_pending_gets_its_final_value_through_the_late_hook(predictor, tmp_path):
+    svc = service(predictor, tmp_path)
+    got = []
+    svc.late_measurement_hook = lambda rid, attrs: got.append((rid, attrs))
+    svc.on_engine_finals(json.dumps({"finals": [], "books": {"engine": 0, "source": "nvml", "devices": []}}))
+    svc.on_request("s", 20, 10, 0)
+    assert svc.on_finished("s", 4, None)["llmco2.measured.source"] == "pending"  # a stop string
+    svc.on_request("n", 20, 10, 0)
+    svc.on_finished("n", 10, {"prefill_energy_j": 1.0, "decode_energy_j": 1.0, "energy_j": 2.0,
+                              "uncertainty_j": 0.1, "source": "nvml", "final": True})
+    svc.on_engine_finals(json.dumps({"finals": [["s", 0.5, 0.25, 0.1, 0.0, "nvml", 5, 0, True],
+                                                ["n", 1.0, 1.0, 0.1, 0.0, "nvml", 10, 0, False]]}))
+    assert [rid for rid, _ in got] == ["s"]  # only the span that said pending
+    a = got[0][1]
+    assert a["llmco2.measured.energy_j"] == pytest.approx(0.75) and a["llmco2.measured.final"] is True
+    assert a["llmco2.measured.source"] == "nvml"
+    svc.close()
