@@ -73,18 +73,21 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         why="Step boundary (compute done) to read the energy counters; the final output carries "
             "the request's measured energy to the API server.",
         how="Before the original: EngineMeter.step_finished(id(scheduler_output)). After: put the "
-            "JSON measurement under trace_headers['x-llmco2-measured'] of outputs with a finish_reason.",
+            "JSON first answer under trace_headers['x-llmco2-measured'] of outputs with a finish_reason, "
+            "and append a synthetic EngineCoreOutput 'llmco2-finals' (final values, energy books) to "
+            "the client's EngineCoreOutputs when there are any.",
         vllm_versions=_V, future="A per-request metadata field on EngineCoreOutput upstream."),
     PatchSpec(
         "scheduler._preempt_request", "vllm.v1.core.sched.scheduler:Scheduler._preempt_request",
-        why="Recompute after preemption is charged as prefill.",
+        why="Preemptions are counted per request (the recompute's phase comes from token positions).",
         how="EngineMeter.preempted(request_id), then the original.",
         vllm_versions=_V, future="Same upstream event as schedule."),
     PatchSpec(
         "scheduler._free_request", "vllm.v1.core.sched.scheduler:Scheduler._free_request",
         why="The only place every finish reason (stop, length, abort, error) passes.",
-        how="EngineMeter.finished(request_id, aborted=status is FINISHED_ABORTED) before the original; "
-            "non-aborted results wait for their final output.",
+        how="EngineMeter.finished(request_id, aborted=status is FINISHED_ABORTED) before the original "
+            "(deferred while a step in flight holds the request); the first answer of a non-aborted "
+            "request waits for its final output, every final value goes out with the finals.",
         vllm_versions=_V, future="Same upstream event as schedule."),
     PatchSpec(
         "output_processor.add_request", "vllm.v1.engine.output_processor:OutputProcessor.add_request",
@@ -95,9 +98,12 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         vllm_versions=_V, future="A request-admission hook (also needed by the admission issues)."),
     PatchSpec(
         "output_processor.process_outputs", "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
-        why="Receive the engine core's measurement with the final tokens (same message, no race).",
-        how="Before the original: pop trace_headers['x-llmco2-measured'] of finished outputs, "
-            "EnergyService.on_finished -> span attributes stashed per request id.",
+        why="Receive the engine core's first answer with the final tokens (same message, no race), "
+            "and its final values and energy books (synthetic output 'llmco2-finals').",
+        how="Before the original: take the synthetic 'llmco2-finals' output off the end of the list "
+            "(vLLM never sees it); pop trace_headers['x-llmco2-measured'] of finished outputs, "
+            "EnergyService.on_finished -> span attributes stashed per request id; then "
+            "EnergyService.on_engine_finals (metrics, pairs, late measurement spans).",
         vllm_versions=_V, future="As update_from_output."),
     PatchSpec(
         "output_processor.do_tracing", "vllm.v1.engine.output_processor:OutputProcessor.do_tracing",
@@ -109,7 +115,9 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         why="Add llmco2.* attributes to vLLM's own llm_request span (a SpanProcessor cannot: "
             "on_start runs before set_attributes, on_end sees a read-only span).",
         how="Module global imported by name in output_processor: a wrapper adds the contextvar's "
-            "attributes to the attributes dict when span_name == 'llm_request', then calls the original.",
+            "attributes to the attributes dict when span_name == 'llm_request', then calls the original; "
+            "when the measured source is 'pending' (stop string) it keeps the span's parent context so "
+            "the final value can follow as an llmco2.measurement span in the same trace.",
         vllm_versions=_V, future="As do_tracing."),
     PatchSpec(
         "output_processor.abort_requests", "vllm.v1.engine.output_processor:OutputProcessor.abort_requests",

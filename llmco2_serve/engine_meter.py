@@ -106,13 +106,9 @@ class EngineMeter:
             else:
                 multi.append(i)
         if multi:
-            ns = [rows[i][2] for i in multi]
-            ctx = [rows[i][3] for i in multi]
-            c = costs.rows_s(ns, ctx)
-            cc = costs.rows_compute_s(ns, ctx)
-            for j, i in enumerate(multi):
-                out[i] = float(c[j])
-                comp[i] = float(cc[j])
+            chunk = costs.chunk_parts_s
+            for i in multi:
+                out[i], comp[i] = chunk(rows[i][2], rows[i][3])
         share = costs.shared_step_s(total_tokens) / n_rows
         out = [x + share for x in out]
         if all(x > 0 and math.isfinite(x) for x in out) and all(math.isfinite(x) for x in comp):

@@ -23,11 +23,13 @@ multi-token rows (prefill chunks, speculative decode) go through :meth:`rows_s` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .graph import FLASH_QUERY_TILE as _FLASH_QUERY_TILE
 from .graph import KIND_INDEX, Segment
 
 __all__ = ["StepCostModel"]
@@ -54,6 +56,7 @@ class StepCostModel:
     experts_per_token: int
     window: int | None
     window_fraction: float
+    unfused_attention: bool
     _template: Any
 
     @classmethod
@@ -82,6 +85,7 @@ class StepCostModel:
             experts_per_token=int(arch.moe_experts_per_token or 0) if arch.is_moe else 0,
             window=int(arch.sliding_window) if arch.sliding_window else None,
             window_fraction=float(arch.sliding_window_layer_fraction) if arch.sliding_window else 0.0,
+            unfused_attention=t.attention == "unfused",
             _template=t,
         )
 
@@ -104,6 +108,35 @@ class StepCostModel:
         k_tok, k_pair, k_kv = self.own_compute_coef_s
         return (c_tok + (c_pair + c_kv) * keys + self.head_row_s,
                 k_tok + (k_pair + k_kv) * keys + self.head_row_s)
+
+    def chunk_parts_s(self, n: int, context_len: int) -> tuple[float, float]:
+        """(own cost, its compute part) of a row of ``n`` tokens after ``context_len`` cached ones,
+        in pure Python (the engine's step loop): the segment quantities of ``graph.py`` for one
+        pass of one sequence, equal to :meth:`rows_s` / :meth:`rows_compute_s`."""
+        c = float(context_len)
+        t = float(n)
+        pairs = t * c + t * (t + 1.0) * 0.5
+        w = self.window
+        f = self.window_fraction
+        if w is not None and f:
+            def upto(x: float) -> float:
+                return x * (x + 1.0) * 0.5 if x <= w else w * (w + 1.0) * 0.5 + (x - w) * w
+            pairs = (1.0 - f) * pairs + f * (upto(c + t) - upto(c))
+        if t <= 1.0:
+            kv = pairs  # one query per pass reads each key it attends to once
+        elif self.unfused_attention:
+            pairs = t * (c + t)  # the whole (masked) score rectangle
+            kv = c + t
+        else:
+            q = float(_FLASH_QUERY_TILE)
+            tiles = math.ceil(t / q)
+            kv = (tiles - 1) * c + q * (tiles - 1) * tiles * 0.5 + (c + t)
+            if w is not None:
+                kv = (1.0 - f) * kv + f * min(kv, tiles * (w + q))
+        c_tok, c_pair, c_kv = self.own_coef_s
+        k_tok, k_pair, k_kv = self.own_compute_coef_s
+        return (c_tok * t + c_pair * pairs + c_kv * kv + self.head_row_s,
+                k_tok * t + k_pair * pairs + k_kv * kv + self.head_row_s)
 
     def rows_compute_s(self, new_tokens: Any, context_len: Any) -> np.ndarray:
         """The compute part (ops at peak) of :meth:`rows_s`; the rest is memory traffic."""

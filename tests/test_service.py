@@ -539,3 +539,23 @@ def test_a_span_that_said_pending_gets_its_final_value_through_the_late_hook(pre
     assert a["llmco2.measured.energy_j"] == pytest.approx(0.75) and a["llmco2.measured.final"] is True
     assert a["llmco2.measured.source"] == "nvml"
     svc.close()
+
+
+@pytest.mark.parametrize("cfg_extra,attention", [({}, "fused"), ({"sliding_window": 4096}, "fused"),
+                                                 ({}, "unfused")])
+def test_pure_python_chunk_costs_equal_the_kernel_graph(cfg_extra, attention):
+    """The step loop prices prefill chunks in pure Python; the kernel graph (whose FLOPs equal
+    FlopCounterMode on the HF models) is the reference."""
+    from llmco2_serve.predictor import Predictor
+    from llmco2_serve.step_costs import StepCostModel
+
+    cfg = {**LLAMA_31_8B, **cfg_extra}
+    if cfg_extra:
+        cfg["model_type"] = "mistral"
+    costs = StepCostModel.from_predictor(Predictor.from_config(cfg, gpu="h100", attention=attention))
+    rng = np.random.default_rng(1)
+    for n, ctx in [(2, 0), (3, 10), (512, 0), (512, 3584), (129, 7000), (8192, 0)] + [
+            (int(a), int(b)) for a, b in zip(rng.integers(2, 2048, 20), rng.integers(0, 20000, 20))]:
+        own, comp = costs.chunk_parts_s(n, ctx)
+        assert own == pytest.approx(float(costs.rows_s(n, ctx)[0]), rel=1e-9)
+        assert comp == pytest.approx(float(costs.rows_compute_s(n, ctx)[0]), rel=1e-9)
