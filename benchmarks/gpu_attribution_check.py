@@ -26,8 +26,8 @@ What runs on the GPU (bf16, shapes of Llama-3.1-8B, the config the meter's predi
     (like a real one, whose compute rides on the shared weight read) does not do.
 
 The engine loop (what EngineMeter sees; vLLM 0.32 async scheduling)
-    Requests (prompt 256/512/1024/1536 tokens, output 8-640 tokens, ~12% client aborts, some
-    during prefill) are admitted closed-loop towards a concurrency target that swings between
+    Requests (prompt 256/512/1024/1536 tokens, output 8-640 tokens, ~12% client aborts, a
+    quarter of them right after the first prefill chunk) are admitted closed-loop towards a concurrency target that swings between
     ``min_running`` and ``max_running``. Each step holds one prefill chunk (at most 512 tokens,
     chunked prefill) when one is waiting, plus one decode row per running request: mixed batches.
     Step N+1 is scheduled (``step_started``) and launched *before* the loop waits for step N
@@ -689,7 +689,7 @@ class Req:
     tokens_out: int = 0  # output tokens known
     done: bool = False
     aborted: bool = False
-    late_rows: int = 0  # rows that ran after its finish was known... or scheduled before it
+    late_rows: int = 0  # rows of steps scheduled before its finish was known, output after it
     counts: dict[str, int] = field(default_factory=dict)  # kind key -> rows that ran
     shared_frac: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
     first: Any = None  # finished()'s answer
@@ -731,7 +731,9 @@ class Engine:
         wl, rng = self.wl, self.rng
         prompt = rng.choices(wl.prompts, weights=wl.prompt_weights)[0]
         out = rng.randint(wl.out_min, wl.out_max)
-        abort = rng.randint(0, out - 1) if rng.random() < wl.abort_frac else None
+        abort = None
+        if rng.random() < wl.abort_frac:  # a quarter of the aborts come during the prefill
+            abort = 0 if rng.random() < 0.25 or out < 2 else rng.randint(1, out - 1)
         r = Req(f"r{len(self.reqs)}", prompt, out, abort, self.free_slots.pop())
         self.reqs.append(r)
         return r
