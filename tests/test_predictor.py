@@ -97,3 +97,20 @@ def test_bf16_model_on_t4_is_priced_in_fp16():
     p = Predictor.from_config(LLAMA_8B, gpu="Tesla T4")
     assert p._template.peak_ops_per_s == gpu_spec("t4").peak_flops_per_s("float16")
     assert p.predict(prompt_len=100, gen_tokens=10).energy_j > 0
+
+
+def test_predict_phases_are_the_parts_of_predict_many(predictor):
+    # the table (fast_predict.py) tabulates these parts; they must be what predict_many sums
+    prompts, gens = np.array([1, 17, 300, 2048, 5]), np.array([1, 2, 64, 700, 1])
+    batches = np.array([1, 3, 8, 64, 256])
+    pre, dec, pre_t, dec_t = predictor.predict_phases(prompts, gens, batches)
+    for i, b in enumerate(batches.tolist()):
+        many = predictor.predict_many(prompts[i:i + 1], gens[i:i + 1], batch=b)
+        assert pre[i] == pytest.approx(many.prefill_energy_j[0], rel=1e-12)
+        assert dec[i] == pytest.approx(many.decode_energy_j[0], rel=1e-12)
+        assert pre_t[i] + dec_t[i] == pytest.approx(many.time_s[0], rel=1e-12)
+        assert (pre[i] + dec[i]) * predictor.co2_g_per_j + (pre_t[i] + dec_t[i]) * predictor.embodied_co2_g_per_s \
+            == pytest.approx(many.co2_g[0], rel=1e-12)
+    assert dec[0] == dec_t[0] == 0.0 and dec[4] == 0.0  # one output token: no decode step
+    single = predictor.predict(prompt_len=300, gen_tokens=64, batch=8)
+    assert pre_t[2] == pytest.approx(single.prefill_time_s) and dec_t[2] == pytest.approx(single.decode_time_s)
