@@ -231,8 +231,12 @@ class Workload:
 class Kernels:
     """The synthetic work as torch ops on ``device`` (outputs are discarded: the cost is the point)."""
 
+    #: Largest matrix (elements) in one kernel: the shared read is split into several GEMVs (as a
+    #: model's weights are several matrices) and stays far from 32-bit index limits.
+    MAX_MATRIX_ELEMENTS = 1 << 30
+
     def __init__(self, torch: Any, device: str, shapes: Shapes, slots: int, max_kv: int,
-                 max_chunk: int, seed: int = 0) -> None:
+                 max_chunk: int, seed: int = 0, max_matrix_elements: int = MAX_MATRIX_ELEMENTS) -> None:
         self.torch = torch
         self.shapes = shapes
         dt = torch.bfloat16
@@ -241,12 +245,14 @@ class Kernels:
         def rnd(*shape: int, std: float) -> Any:  # small values: no inf/NaN in bf16 sums
             return torch.empty(*shape, device=device, dtype=dt).normal_(0.0, std, generator=g)
 
-        self.w_shared = rnd(shapes.shared_rows, shapes.hidden, std=0.02)
+        n_w = max(1, math.ceil(shapes.shared_rows * shapes.hidden / max_matrix_elements))
+        rows = [shapes.shared_rows // n_w + (i < shapes.shared_rows % n_w) for i in range(n_w)]
+        self.w_shared = [rnd(r, shapes.hidden, std=0.02) for r in rows]
         self.x_shared = rnd(shapes.hidden, std=1.0)
         self.w_prefill = rnd(shapes.hidden, shapes.ffn, std=0.02)
         self.x_prefill = rnd(max_chunk, shapes.hidden, std=1.0)
         self.q = rnd(max_chunk, shapes.kv_width, std=0.01)
-        self.kv = rnd(slots, max_kv, shapes.kv_width, std=0.01)
+        self.kv = [rnd(max_kv, shapes.kv_width, std=0.01) for _ in range(slots)]  # one per request slot
         self.v = rnd(shapes.kv_width, std=1.0)
         self.slots = slots
         self._views: dict[tuple[int, int], Any] = {}  # (slot, tokens) -> KV view: fewer host ops per row
@@ -254,13 +260,14 @@ class Kernels:
     def _kv(self, slot: int, tokens: int) -> Any:
         v = self._views.get((slot, tokens))
         if v is None:
-            v = self._views[(slot, tokens)] = self.kv[slot, :tokens]
+            v = self._views[(slot, tokens)] = self.kv[slot][:tokens]
         return v
 
     def run(self, kind: Kind, slot: int) -> None:
         t = self.torch
         if kind.phase is None:
-            t.mv(self.w_shared, self.x_shared)
+            for w in self.w_shared:
+                t.mv(w, self.x_shared)
         elif kind.phase == "prefill":
             x = self.x_prefill[: kind.n_tokens]
             for _ in range(self.shapes.prefill_reps):
@@ -273,6 +280,8 @@ class Kernels:
 
     @staticmethod
     def kernels_per_exec(kind: Kind, shapes: Shapes) -> int:
+        if kind.phase is None:
+            return max(1, math.ceil(shapes.shared_rows * shapes.hidden / Kernels.MAX_MATRIX_ELEMENTS))
         return shapes.prefill_reps + 2 if kind.phase == "prefill" else 1
 
 
@@ -447,7 +456,9 @@ class DryBackend:
         self.model = SimGpuModel(shapes)
         self.shapes = shapes
         self.clock = ManualClock(1000.0)
-        self.kern = Kernels(torch, "cpu", TINY_SHAPES, wl.max_running, wl.max_kv, wl.chunk)
+        # 4096-element matrices: the shared read is 4 GEMVs here, as it is 8 on the GPU
+        self.kern = Kernels(torch, "cpu", TINY_SHAPES, wl.max_running, wl.max_kv, wl.chunk,
+                            max_matrix_elements=4096)
         self._t0 = self.clock()
         self._starts: list[float] = []
         self._ends: list[float] = []
@@ -975,20 +986,20 @@ def compare(reqs: Sequence[Req], alone: dict[str, dict], idle_w: float) -> dict:
 
 def step_cost_diagnostics(predictor: Any, kinds: Sequence[Kind], alone: dict[str, dict]) -> dict:
     """Per kind: the meter model's seconds (Roofline at peak) and the measured J per such second."""
+    out: dict[str, Any] = {}
     try:
         c = StepCostModel.from_predictor(predictor)
+        for k in kinds:
+            if k.phase is None:
+                s = c.shared_step_s(1)
+            elif k.phase == "prefill":
+                s = float(c.rows_s([k.n_tokens], [k.context])[0])
+            else:
+                s = c.decode_row_s(k.context)
+            e = alone[k.key]["energy_j"]
+            out[k.key] = {"model_s": s, "j_per_model_s": e / s if s > 0 else math.nan}
     except Exception as e:  # noqa: BLE001 - a diagnostic: never fail the check for it
-        return {"error": f"{type(e).__name__}: {e}"}
-    out = {}
-    for k in kinds:
-        if k.phase is None:
-            s = c.shared_step_s(1)
-        elif k.phase == "prefill":
-            s = float(c.rows_s([k.n_tokens], [k.context])[0])
-        else:
-            s = c.decode_row_s(k.context)
-        e = alone[k.key]["energy_j"]
-        out[k.key] = {"model_s": s, "j_per_model_s": e / s if s > 0 else math.nan}
+        out["error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -1008,8 +1019,21 @@ class Plan:
     max_runtime_s: float
 
 
-def run_check(be: Any, wl: Workload, plan: Plan, seed: int = 0, wall0: float | None = None) -> dict:
+def _raw_requests(reqs: Sequence[Req]) -> list[dict]:
+    """What the truths and errors are computed from (kept in a checkpoint before the comparison)."""
+    return [{"request_id": r.rid, "prompt": r.prompt, "out_tokens": r.out_tokens, "aborted": r.aborted,
+             "counts": dict(r.counts), "shared_frac": list(r.shared_frac),
+             "first": dict(r.first.__dict__) if r.first is not None else None,
+             "final": dict(r.final.__dict__) if r.final is not None else None} for r in reqs]
+
+
+def run_check(be: Any, wl: Workload, plan: Plan, seed: int = 0, wall0: float | None = None,
+              partial: dict | None = None, checkpoint: Callable[[], None] | None = None) -> dict:
+    """The whole check (module docstring). ``partial`` collects raw results as they come and
+    ``checkpoint()`` is called after each phase, so a failure late in a GPU run loses nothing."""
     wall0 = time.monotonic() if wall0 is None else wall0
+    partial = {} if partial is None else partial
+    checkpoint = checkpoint or (lambda: None)
     sim_t0 = be.clock()
     kinds = wl.kinds()
     n_slots = wl.max_running
@@ -1021,6 +1045,7 @@ def run_check(be: Any, wl: Workload, plan: Plan, seed: int = 0, wall0: float | N
     idle_start = measure_idle_power_w(be, plan.idle_s)
     period = measure_update_period(be, plan.period_s)
     idle_w = idle_start["power_w"]
+    partial.update(idle_start=idle_start, update_period=period)
 
     t_warm = be.clock() + plan.warm_s  # clocks and temperature up before the alone windows
     while be.clock() < t_warm:
@@ -1030,6 +1055,8 @@ def run_check(be: Any, wl: Workload, plan: Plan, seed: int = 0, wall0: float | N
     log_load = _ChangeLog()
     pass_a = alone_pass(be, kinds, plan.alone_s, n_slots, log_load)
     t_after_a = elapsed()
+    partial.update(alone_pass_a=pass_a, elapsed_after_pass_a_s=t_after_a)
+    checkpoint()
 
     predictor_note = None
     try:
@@ -1051,12 +1078,18 @@ def run_check(be: Any, wl: Workload, plan: Plan, seed: int = 0, wall0: float | N
     eng.tail(plan.tail_s)
     totals = meter.totals()
     meter.close()
+    partial.update(engine_stats=eng.stats, engine_phases=eng.phases, kind_counts=eng.kind_counts,
+                   meter_totals=totals, counter_first_last_mj=[reader.first_mj, reader.last_mj],
+                   requests_raw=_raw_requests(eng.reqs))
+    checkpoint()
 
     pass_b = None
     if elapsed() + t_after_a + plan.idle_s + 5.0 <= plan.max_runtime_s:
         pass_b = alone_pass(be, kinds[::-1], plan.alone_s, n_slots, log_load)
     be.sleep(0.5 if be.mode == "gpu" else 0.0)
     idle_end = measure_idle_power_w(be, plan.idle_s)
+    partial.update(alone_pass_b=pass_b, idle_end=idle_end)
+    checkpoint()
 
     alone = {k.key: alone_summary([pass_a[k.key]] + ([pass_b[k.key]] if pass_b else []), idle_w)
              for k in kinds}
@@ -1213,15 +1246,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error("--alone-s must be >= 1, --idle-s >= 2, --busy-s and --period-s > 0, --idle-spell-s >= 0")
     wl = Workload()
     shapes = Shapes.from_config(MODEL_CONFIG)
+    out = Path(args.out)
     be = DryBackend(wl, shapes) if dry else GpuBackend(wl, shapes)
+    out.mkdir(parents=True, exist_ok=True)
+    partial: dict[str, Any] = {"complete": False, "mode": be.mode, "gpu_name": be.gpu_name,
+                               "plan": asdict(plan), "seed": args.seed}
+
+    def checkpoint() -> None:  # raw results so far: kept if a later phase fails or is killed
+        (out / "report.json").write_text(json.dumps(_json_safe(partial), indent=1))
+
     try:
-        rep = run_check(be, wl, plan, args.seed, wall0)
+        rep = run_check(be, wl, plan, args.seed, wall0, partial, checkpoint)
+    except (Exception, KeyboardInterrupt):
+        import traceback
+
+        partial["error"] = traceback.format_exc()
+        checkpoint()
+        (out / "report.txt").write_text(f"gpu_attribution_check FAILED; raw results so far in "
+                                        f"report.json\n{partial['error']}")
+        raise
     finally:
         be.close()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = format_report(rep)
+    rep["complete"] = True
     (out / "report.json").write_text(json.dumps(_json_safe(rep), indent=1))
+    text = format_report(rep)
     (out / "report.txt").write_text(text)
     print(text, end="")
     print(f"wrote {out / 'report.json'} and {out / 'report.txt'}")

@@ -54,7 +54,7 @@ def test_dry_run_writes_report_files_with_expected_structure(dry_report):
     data = json.loads((out / "report.json").read_text())
     assert {"mode", "gpu_name", "predictor_gpu", "idle", "update_period", "kinds", "alone", "engine",
             "conservation", "additivity", "summary", "requests", "step_cost_model", "runtime_s"} <= set(data)
-    assert data["mode"] == "dry-run"
+    assert data["mode"] == "dry-run" and data["complete"] is True
     assert {k["key"] for k in data["kinds"]} == set(data["alone"]) == set(data["step_cost_model"])
     for part in ("total", "prefill", "decode", "split_only", "dynamic", "first_answer"):
         assert {"n", "median_abs", "p90_abs", "median"} <= set(data["summary"][part]), part
@@ -218,6 +218,23 @@ def test_dry_run_runs_from_a_plain_checkout_without_vllm(tmp_path):
                        cwd=tmp_path, env={"PYTHONPATH": purelib, "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "report.json").read_text())["conservation"]["holds"]
+
+
+def test_a_failure_after_the_engine_phase_keeps_the_raw_results(tmp_path, monkeypatch):
+    # One GPU run per lease: a bug in the comparison must not lose what was measured.
+    def broken(*a, **k):
+        raise ValueError("comparison broke")
+
+    monkeypatch.setattr(gac, "compare", broken)
+    with pytest.raises(ValueError, match="comparison broke"):
+        gac.main(["--dry-run", "--out", str(tmp_path), "--busy-s", "1", "--idle-spell-s", "0.5",
+                  "--alone-s", "1", "--idle-s", "2", "--period-s", "0.2"])
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["complete"] is False and "comparison broke" in data["error"]
+    assert set(data["alone_pass_a"]) == set(data["alone_pass_b"]) == set(_kinds())
+    assert data["requests_raw"] and all(r["final"] is not None for r in data["requests_raw"])
+    assert data["meter_totals"]["total_j"] > 0 and data["idle_start"]["power_w"] > 0
+    assert (tmp_path / "report.txt").read_text().startswith("gpu_attribution_check FAILED")
 
 
 def test_without_cuda_and_without_dry_run_exits_with_a_clear_message(tmp_path):
