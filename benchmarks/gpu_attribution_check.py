@@ -2,15 +2,19 @@
 
 Run (GPU machine: torch with CUDA, nvidia-ml-py, numpy; no vLLM and no pip install needed)::
 
-    python benchmarks/gpu_attribution_check.py --out $OUT          # about 3 minutes on an H100/H200
+    python3 benchmarks/gpu_attribution_check.py --out $OUT   # ~2.5-3 min on an H100/H200, ~28 GB
 
-    python benchmarks/gpu_attribution_check.py --dry-run           # CPU: simulated GPU, a few seconds
+    python benchmarks/gpu_attribution_check.py --dry-run     # CPU: simulated GPU, ~5 s (70 s simulated)
+
+The GPU run stops admitting work and aborts what runs so as to end within ``--max-runtime-s`` (330),
+and rewrites ``report.json`` with the raw results after each phase, so a late failure or a kill
+keeps what was measured.
 
 What runs on the GPU (bf16, shapes of Llama-3.1-8B, the config the meter's predictor is built from)
     A synthetic engine *step* is one shared weight read plus one piece of work per row:
 
-    - ``shared``: a GEMV over a weight matrix as large as the model's layer + LM-head weights
-      (~15 GB), read once per step whatever the batch (memory-bound, like the weight reads of a
+    - ``shared``: GEMVs over weight matrices as large as the model's layer + LM-head weights
+      (~15 GB in 7 matrices), read once per step whatever the batch (memory-bound, like the weight reads of a
       decode step);
     - prefill chunk ``(n, c)``: ``n`` tokens through ``reps`` GEMMs ``[n, hidden] @ [hidden, ffn]``
       (2 x layer parameters FLOPs per token: compute-bound) plus two attention GEMMs against the
