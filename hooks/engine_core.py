@@ -127,7 +127,7 @@ class EngineSide:
         if reader.source == "unavailable":
             # Nothing to attribute: keep the step loop untouched; spans say "unavailable".
             return
-        self.meter = EngineMeter(reader)
+        self.meter = EngineMeter(reader, background_reads=True)
         gpu_names = [n.split(" ", 1)[-1] for n in reader.device_names()] if reader.source == "nvml" else []
         # The predictor only refines row weights; building it imports the GNN stack (seconds), so it
         # happens off the step loop, at engine start-up. Until then weights are token counts.
@@ -198,10 +198,15 @@ class EngineSide:
                          f"not measured (counters did not move), {meter.attributor.update_period_s * 1e3:.0f} ms assumed")
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("engine_core.run_busy_loop", e)
-        while not self._stop.wait(_IDLE_POLL_S):
+        while not self._stop.is_set():
             try:
                 meter = self.meter
-                if meter is None or not meter.idle_tick():
+                if meter is None:
+                    self._stop.wait(_IDLE_POLL_S)
+                    continue
+                if meter.service_reads(_IDLE_POLL_S):  # busy: the reads the step thread flagged
+                    continue
+                if not meter.idle_tick():
                     continue
                 q = self._output_queue
                 if q is None:

@@ -47,7 +47,7 @@ class EngineMeter:
 
     def __init__(self, reader: EnergyReader, predictor: Any = None, *,
                  clock: Callable[[], float] = time.monotonic, min_read_interval_s: float | None = None,
-                 **attributor_kwargs: Any) -> None:
+                 background_reads: bool = False, **attributor_kwargs: Any) -> None:
         self.reader = reader
         self.predictor: Any = None
         self._clock = clock
@@ -58,6 +58,12 @@ class EngineMeter:
         period = float(getattr(reader, "update_period_s", 0.0) or 0.0)
         self.min_read_interval_s = (period / 10.0 if min_read_interval_s is None else float(min_read_interval_s))
         self._last_read_t = -math.inf
+        # Background reads: the step thread only records steps and flags a read as due; another
+        # thread (the engine's poller) reads the counters and closes windows (NVML calls release
+        # the GIL, and on a GPU the step thread mostly waits for the device), keeping both off
+        # the step path. Without it (tests, simulations) reads happen inline, deterministically.
+        self.background_reads = bool(background_reads)
+        self._read_due = threading.Event()
         self._open: dict[Any, tuple[float, list[StepRow], frozenset[str]]] = {}
         self._deferred: dict[str, bool] = {}  # finished while in a step in flight -> aborted flag
         self._costs: StepCostModel | None = None
@@ -84,36 +90,40 @@ class EngineMeter:
 
     def weights(self, rows: Sequence[StepRow]) -> list[float]:
         """Relative cost of each row (finite, > 0): own cost + shared cost / rows."""
-        return self.weights_and_compute(rows)[0]
+        return [float(x) for x in self.weights_and_compute(rows)[0]]
 
-    def weights_and_compute(self, rows: Sequence[StepRow]) -> tuple[list[float], list[float] | None]:
-        """(row weights, the compute part of each) in seconds at peak rates; the compute parts
-        are None while rows are weighted by token counts (no predictor)."""
-        costs = self._costs
+    def weights_and_compute(self, rows: Sequence[StepRow]) -> tuple[Any, Any]:
+        """(row weights, the compute part of each) in seconds at peak rates, as arrays; the
+        compute parts are None while rows are weighted by token counts (no predictor)."""
         n_rows = len(rows)
-        if costs is None or not n_rows:
-            return [float(max(1, r[2])) for r in rows], None
-        parts = costs.decode_row_parts_s
-        out = [0.0] * n_rows
-        comp = [0.0] * n_rows
-        multi = []
-        total_tokens = 0
-        for i, r in enumerate(rows):
-            n = r[2]
-            total_tokens += n
-            if n == 1:
-                out[i], comp[i] = parts(r[3])
-            else:
-                multi.append(i)
-        if multi:
+        if not n_rows:
+            return [], None
+        _, _, ns, ctxs = zip(*rows)
+        return self._weights_cols(np.array(ns, dtype=np.float64), np.array(ctxs, dtype=np.float64))
+
+    def _weights_cols(self, n: np.ndarray, ctx: np.ndarray) -> tuple[Any, Any]:
+        costs = self._costs
+        if costs is None:
+            return np.maximum(n, 1.0), None
+        # decode rows (one token), vectorised: own cost linear in the keys they attend to
+        keys = ctx + 1.0
+        if costs.window is not None:
+            f = costs.window_fraction
+            keys = np.where(keys > costs.window, (1.0 - f) * keys + f * costs.window, keys)
+        c_tok, c_pair, c_kv = costs.own_coef_s
+        k_tok, k_pair, k_kv = costs.own_compute_coef_s
+        out = c_tok + (c_pair + c_kv) * keys + costs.head_row_s
+        comp = k_tok + (k_pair + k_kv) * keys + costs.head_row_s
+        multi = np.flatnonzero(n != 1.0)
+        if multi.size:  # prefill chunks and speculative rows: few per step, priced one by one
             chunk = costs.chunk_parts_s
-            for i in multi:
-                out[i], comp[i] = chunk(rows[i][2], rows[i][3])
-        share = costs.shared_step_s(total_tokens) / n_rows
-        out = [x + share for x in out]
-        if all(x > 0 and math.isfinite(x) for x in out) and all(math.isfinite(x) for x in comp):
+            for i in multi.tolist():
+                out[i], comp[i] = chunk(int(n[i]), int(ctx[i]))
+        out += costs.shared_step_s(float(n.sum())) / n.size
+        total = float(out.sum()) + float(comp.sum())
+        if math.isfinite(total) and float(out.min()) > 0.0:
             return out, comp
-        return [float(max(1, r[2])) for r in rows], None
+        return np.maximum(n, 1.0), None
 
     def step_started(self, key: Any, rows: Sequence[StepRow]) -> None:
         """A step was scheduled (``rows``: its work); its compute starts now."""
@@ -131,12 +141,16 @@ class EngineMeter:
                 self._maybe_read(now, force=False, poll=True)
                 return
             start, rows, rids = item
-            w, comp = self.weights_and_compute(rows)
+            rid_col, phase_col, n_col, ctx_col = zip(*rows)
+            w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
             read = now - self._last_read_t >= self.min_read_interval_s
             if read:
                 self._last_read_t = now
-            self.attributor.record_step(start, now, [r[0] for r in rows], [r[1] == "prefill" for r in rows],
-                                        w, read=read, work_s=comp is not None, compute_s=comp)
+            self.attributor.record_step(start, now, rid_col, np.array(phase_col) == "prefill",
+                                        w, read=read and not self.background_reads,
+                                        work_s=comp is not None, compute_s=comp)
+            if read and self.background_reads:
+                self._read_due.set()
             self.steps += 1
             if self._deferred:
                 for rid in [r for r in self._deferred if r in rids]:
@@ -169,6 +183,16 @@ class EngineMeter:
     def in_flight(self) -> bool:
         return bool(self._open)
 
+    def service_reads(self, timeout_s: float) -> bool:
+        """Background reads: wait up to ``timeout_s`` for a read flagged by the step thread and do
+        it (counters read, windows closed, final values made). Returns whether it read."""
+        if not self._read_due.wait(timeout_s):
+            return False
+        self._read_due.clear()
+        with self._lock:
+            self.attributor.read_now()
+        return True
+
     def idle_tick(self, idle_after_s: float = 0.05) -> bool:
         """Read the counters if no step is in flight and none finished for ``idle_after_s``
         (called by an idle poller at a bounded rate). Returns whether it read."""
@@ -185,12 +209,14 @@ class EngineMeter:
     def measure_update_period(self, **kwargs: Any) -> float | None:
         """Measure the counters' update period (:func:`measure_update_period_s`, ~0.3-1.5 s of
         reads; call it while idle, e.g. at engine start-up) and use it from then on."""
-        with self._lock:
-            period = measure_update_period_s(self.reader, **kwargs)
-            if period is not None:
+        # Not under the lock: a request arriving meanwhile must not wait for it (the reader is
+        # only read from the thread that calls this, or inline in tests).
+        period = measure_update_period_s(self.reader, **kwargs)
+        if period is not None:
+            with self._lock:
                 self.attributor.set_update_period(period)
                 self.min_read_interval_s = period / 10.0
-            return period
+        return period
 
     def pop_final(self) -> list[MeasuredEnergy]:
         """Final values of finished requests since the last call (each request exactly once)."""
