@@ -58,7 +58,7 @@ def engine_step_us(batch: int, n_requests: int = 100_000, tp: int = 8, chunk: in
     """
     from types import SimpleNamespace
 
-    from hooks.engine_core import step_rows
+    from llmco2_serve.hooks.engine_core import step_rows
 
     clock = ManualClock()
     reader = FakeEnergyReader([300.0] * tp, clock=clock, phase_s=[0.1 * d / tp for d in range(tp)])

@@ -147,10 +147,23 @@ def _wrap_process_outputs(orig):
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("output_processor.process_outputs", e)
         try:
-            return orig(self, engine_core_outputs, *args, **kwargs)
+            out = orig(self, engine_core_outputs, *args, **kwargs)
         finally:
             for rid in stashed:  # tracing off: nobody consumed them
                 _stash.pop(rid, None)
+        try:
+            # Requests finished here on a stop string (vLLM aborts them in the engine): with tracing
+            # off no span was built, so on_finished still has to release their prediction.
+            to_abort = getattr(out, "reqs_to_abort", None)
+            if to_abort:
+                svc = service()
+                if svc is not None:
+                    for rid in to_abort:
+                        if svc.prediction(rid) is not None:
+                            svc.on_finished(rid, None, None)
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            failed("output_processor.process_outputs", e)
+        return out
     return process_outputs
 
 

@@ -461,7 +461,11 @@ class EnergyService:
         """
         with self._lock:
             pred = self._pending.pop(request_id, None)
-            if pred is not None:
+            # A final value will come only from an engine that measures: one that sent books from a
+            # real counter, or whose first answer for this request is a measurement.
+            will_have_final = self._engine_measuring() or bool(
+                measured and measured.get("source") not in (None, tm.MEASURED_SOURCE_UNAVAILABLE))
+            if pred is not None and will_have_final:
                 self._awaiting_final[request_id] = (pred, gen_tokens)
                 while len(self._awaiting_final) > _MAX_AWAITING_FINAL:
                     self._awaiting_final.popitem(last=False)
@@ -654,6 +658,7 @@ class EnergyService:
         self._pairs.write(row)
 
     def close(self) -> None:
+        self.flush_metrics()  # the last second of predicted energy reaches the counters
         if self._pairs is not None:
             self._pairs.close()
 

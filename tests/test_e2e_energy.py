@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ import urllib.request
 
 import pytest
 
+from llmco2_serve.serverctl import ServerProcess, free_port
 from llmco2_serve.testing.otlp_receiver import OtlpReceiver
 from llmco2_serve.tinymodel import build_tiny_model
 
@@ -40,19 +39,13 @@ N_REQUESTS = 96
 CONCURRENCY = 64
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e_energy")
     model = build_tiny_model(tmp / "llama", "llama")
     receiver = OtlpReceiver().start()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMCO2_", "VLLM_PLUGINS", "OTEL_"))}
+    port = free_port()
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("LLMCO2_", "VLLM_PLUGINS", "OTEL_"))}
     env.update({
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
@@ -63,35 +56,16 @@ def server(tmp_path_factory):
         "LLMCO2_PAIRS_PATH": str(tmp / "pairs.jsonl"),
         "LLMCO2_GPU": "H100",
     })
-    log_path = tmp / "server.log"
     cmd = [sys.executable, "-m", "llmco2_serve.cli", "serve", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
            "--max-num-seqs", "32", "--served-model-name", "tiny-llama",
            "--otlp-traces-endpoint", receiver.traces_endpoint]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc = ServerProcess(cmd, port=port, env=env, log_path=tmp / "server.log", ready_timeout_s=START_TIMEOUT_S)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield {"base": base, "receiver": receiver, "log": log_path}
+        proc.start()
+        yield {"base": proc.base_url, "receiver": receiver, "log": proc.log_path}
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        proc.stop()
         receiver.stop()
 
 

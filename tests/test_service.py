@@ -250,6 +250,8 @@ def test_estimates_aborts_and_pending_are_not_kept_as_pairs(predictor, tmp_path)
     assert svc.measured_energy_j == pytest.approx(2.0 + 1.5)  # both still reach the metrics
     # the stop-string request completed: its final is a pair
     svc2 = service(predictor, tmp_path)
+    # a measuring engine sends its books from start-up on (its idle poller), before any request
+    svc2.on_engine_finals(json.dumps({"finals": [], "books": {"engine": 0, "source": "nvml", "devices": []}}))
     svc2.on_request("b", 20, 10, 0)
     svc2.on_finished("b", 7, None)
     svc2.on_engine_finals(json.dumps({"finals": [["b", 1.0, 2.0, 0.1, 0.0, "nvml", 8, 0, True, 3.0, 0, 8]]}))
@@ -559,3 +561,13 @@ def test_pure_python_chunk_costs_equal_the_kernel_graph(cfg_extra, attention):
         own, comp = costs.chunk_parts_s(n, ctx)
         assert own == pytest.approx(float(costs.rows_s(n, ctx)[0]), rel=1e-9)
         assert comp == pytest.approx(float(costs.rows_compute_s(n, ctx)[0]), rel=1e-9)
+
+
+def test_without_a_measuring_engine_finished_predictions_are_not_held_for_finals(predictor, tmp_path):
+    """No energy counter: no final value will ever come, so nothing waits for one (no leak)."""
+    svc = service(predictor, tmp_path)
+    for i in range(50):
+        svc.on_request(f"r{i}", 20, 10, 0)
+        a = svc.on_finished(f"r{i}", 10, {"source": "unavailable"} if i % 2 else None)
+        assert a["llmco2.measured.source"] == "unavailable" and "llmco2.predicted.energy_j" in a
+    assert not svc._awaiting_final and not svc._pending
