@@ -4,8 +4,8 @@ The engine core reads the TEST-ONLY fake counter (``LLMCO2_ENERGY_READER=fake``:
 counter that moves every ~50 ms by idle power plus a price per CPU-second the engine process
 used, a ground truth of its own, unrelated to the predictor). 64 requests are in flight at
 once: plain ones, streaming ones (with and without ``include_usage``), ones that end on a stop
-string (detected by the API server, which then aborts them in the engine), and clients that
-disconnect mid-generation. Checked from the exported OTLP data alone:
+string (detected by the API server, which then aborts them in the engine), n=2 parallel sampling,
+and clients that disconnect mid-generation. Checked from the exported OTLP data alone:
 
 * conservation: measured request energy + idle + unreported == the counters' total;
 * every finished request's ``llm_request`` span says where its measured value stands: a value
@@ -79,6 +79,8 @@ def _one(base: str, i: int, kind: str, out: list) -> None:
     if kind == "abort":
         body["max_tokens"] = 400
         body["stream"] = True
+    if kind == "n2":
+        body["n"] = 2  # parallel sampling: two sequences, one HTTP request
     if kind in ("stream", "stream_usage"):
         body["stream"] = True
         if kind == "stream_usage":
@@ -103,7 +105,7 @@ def _one(base: str, i: int, kind: str, out: list) -> None:
 
 @pytest.fixture(scope="module")
 def load(server):
-    kinds = ["plain", "stop", "stream", "stream_usage", "abort", "plain"]
+    kinds = ["plain", "stop", "stream", "stream_usage", "abort", "n2", "plain"]
     out: list = []
     sem = threading.Semaphore(CONCURRENCY)
 
@@ -175,7 +177,7 @@ def test_every_finished_span_says_where_its_measured_value_stands(server, load):
                 assert 0 <= a["llmco2.measured.estimated_energy_j"] <= e + 1e-9
         else:
             assert src == "pending", a  # explicitly not yet measured, never a silent gap
-    assert kinds["plain"] == {"fake"} and kinds["stream"] == {"fake"}
+    assert kinds["plain"] == {"fake"} and kinds["stream"] == {"fake"} and kinds["n2"] == {"fake"}
     assert "pending" in kinds["stop"]  # random weights hit one of the stop strings soon
     # a span that said pending gets its final value as an llmco2.measurement span in its trace
     pending = [r for r in done if spans[r["trace_id"]]["attributes"]["llmco2.measured.source"] == "pending"]
