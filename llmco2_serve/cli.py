@@ -85,7 +85,13 @@ def cmd_eval(args) -> int:
         train = samples_from_records(load_records(args.train or packaged_training_data(), warn=_warn_to_stderr("eval")))
         predicted = make_predictor(args.predictor, seed=args.seed).fit(train).predict(samples)
         protocol = f"fitted on {args.train or 'the packaged training data'}"
-    result = evaluate(predicted, samples)
+    if args.calibrate is not None:  # per deployment: first K rows calibrate, the rest are scored
+        from .predictors.evaluate import evaluate_calibrated
+
+        result = evaluate_calibrated(predicted, samples, args.calibrate)
+        protocol += f"; calibrated per deployment on its first {args.calibrate} record(s), scored on the rest"
+    else:
+        result = evaluate(predicted, samples)
     result["predictor"] = args.predictor
     result["protocol"] = protocol
     if args.json:
@@ -101,6 +107,13 @@ def cmd_eval(args) -> int:
         _print_metrics(f"  {model}", m)
     if result.get("excluded"):
         print(f"excluded rows: {json.dumps(result['excluded'])}")
+    if result.get("calibration"):
+        c = result["calibration"]
+        _print_metrics("uncalibrated (same rows)", c["uncalibrated"])
+        for g in c["groups"]:
+            print(f"  {g['deployment']}: {g['rows']} rows, {g['observations']} observations, {g['status']}; "
+                  f"prefill x{g['prefill_factor']:.3f} (slope {g['prefill_batch_slope']:+.3f}), "
+                  f"decode x{g['decode_factor']:.3f} (slope {g['decode_batch_slope']:+.3f})")
     return 0
 
 
@@ -186,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="GNN weights file (default: embedded)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--calibrate", type=int, metavar="K",
+                   help="per deployment, calibrate on its first K records (file order), score the rest")
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="(re)train the GNN and write weights + metadata")

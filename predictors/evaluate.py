@@ -19,7 +19,8 @@ from llmco2_serve.metrics import eba, mape
 from .baselines import EnergyPredictor, make_predictor
 from .dataset import GraphSample
 
-__all__ = ["PHASES", "EBA_BOUNDS", "EXCLUSION_REASONS", "evaluate", "leave_one_architecture_out"]
+__all__ = ["PHASES", "EBA_BOUNDS", "EXCLUSION_REASONS", "evaluate", "leave_one_architecture_out",
+           "evaluate_calibrated", "deployment_key_of"]
 
 PHASES = ("prefill", "decode", "request")
 EBA_BOUNDS = {"eba_5": 0.05, "eba_10": 0.10, "eba_30": 0.30}
@@ -161,3 +162,97 @@ def leave_one_architecture_out(samples: Sequence[GraphSample], predictor_name: s
         folds.append({"held_out": held_out, "train_models": train_models, "n_train": len(train),
                       "n_test": len(test_idx), "fit_time_s": t1 - t0, "predict_time_s": t2 - t1})
     return preds, folds
+
+
+def deployment_key_of(rec) -> "DeploymentKey":
+    """The calibration deployment of a record: model, GPU, GPU count, parallelism (records are
+    tensor-parallel over ``n_gpu`` unless they say otherwise), dtype and engine."""
+    from llmco2_serve.calibration import DeploymentKey
+
+    tp = getattr(rec, "tensor_parallel", None) or rec.n_gpu
+    pp = getattr(rec, "pipeline_parallel", None) or 1
+    return DeploymentKey(model=rec.model, gpu=rec.gpu, n_gpu=rec.n_gpu, tensor_parallel=int(tp),
+                         pipeline_parallel=int(pp), dtype=rec.dtype, engine=rec.engine)
+
+
+def evaluate_calibrated(predicted: Mapping[str, np.ndarray | None], samples: Sequence[GraphSample], k: int, *,
+                        make_calibrator: Callable | None = None) -> dict:
+    """``llmco2 eval --calibrate K``: online calibration as a deployment would see it.
+
+    Rows are grouped by deployment (:func:`deployment_key_of`); in each group, in file order, the
+    first ``k`` rows are fed to a fresh :class:`~llmco2_serve.calibration.Calibrator` as measured
+    observations (a finished-request pair where the row has a phase split, else its request energy
+    as a window over its predicted prefill and decode parts), and the remaining rows are predicted,
+    calibrated and scored. A group with ``k`` or fewer rows is reported and not scored. Records are
+    measurements (records format), so they are fed with source ``nvml``. A predictor without a
+    phase split is calibrated as one part (its request energy as the decode-like part).
+
+    Returns :func:`evaluate` of the scored rows plus ``calibration``::
+
+        {"k", "observations",                       # observations fed, all groups
+         "groups": [{"deployment", "key", "rows", "observed", "scored", "status"
+                     ("scored" | "too_few_records"), "observations", "rejected",
+                     "prefill_factor", "prefill_batch_slope", "decode_factor", "decode_batch_slope"}],
+         "uncalibrated": {"n", "mape", "eba_5", "eba_10", "eba_30"}}   # the same scored rows, uncalibrated
+
+    Raises ValueError when ``k < 0`` or no group has more than ``k`` rows.
+    """
+    from llmco2_serve.calibration import Calibrator
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"--calibrate must be an integer >= 0, got {k!r}")
+    if len(samples) == 0:
+        raise ValueError("evaluate: no samples")
+    request = _check_predictions(predicted.get("request"), samples, "request")
+    phased = predicted.get("prefill") is not None and predicted.get("decode") is not None
+    if phased:
+        pre = _check_predictions(predicted["prefill"], samples, "prefill")
+        dec = _check_predictions(predicted["decode"], samples, "decode")
+    else:  # one part: the whole request is corrected by one factor (the decode-like one)
+        pre, dec = np.zeros(len(samples)), request
+    make = make_calibrator or (lambda key: Calibrator(key, min_observations=1))
+    groups: dict = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(deployment_key_of(s.record), []).append(i)
+    scored: list[int] = []
+    cal_pre = np.array(pre, np.float64)
+    cal_dec = np.array(dec, np.float64)
+    reports, total_obs = [], 0
+    for key, rows in groups.items():
+        cal = make(key)
+        for i in rows[:k]:
+            rec = samples[i].record
+            unc = getattr(rec, "uncertainty_j", None)
+            if phased and rec.prefill_energy_j is not None and rec.decode_energy_j is not None:
+                cal.observe_request(predicted_prefill_j=float(pre[i]), predicted_decode_j=float(dec[i]),
+                                    measured_prefill_j=rec.prefill_energy_j, measured_decode_j=rec.decode_energy_j,
+                                    uncertainty_j=unc, batch=rec.batch, source="nvml", prompt_tokens=rec.prompt_len,
+                                    gen_tokens=rec.gen_tokens)
+            else:
+                cal.observe_window(measured_j=rec.request_energy_j, predicted_prefill_j=float(pre[i]),
+                                   predicted_decode_j=float(dec[i]), batch=rec.batch, source="nvml",
+                                   uncertainty_j=unc)
+        status = "scored" if len(rows) > k else "too_few_records"
+        if status == "scored":
+            for i in rows[k:]:
+                cal_pre[i], cal_dec[i] = cal.calibrated(float(pre[i]), float(dec[i]), batch=samples[i].record.batch)
+            scored.extend(rows[k:])
+        st = cal.state()
+        total_obs += cal.observations
+        reports.append({"deployment": key.id, "key": key.to_dict(), "rows": len(rows), "observed": min(k, len(rows)),
+                        "scored": max(0, len(rows) - k), "status": status, "observations": cal.observations,
+                        "rejected": st["rejected"], **{name: st[name] for name in (
+                            "prefill_factor", "prefill_batch_slope", "decode_factor", "decode_batch_slope")}})
+    if not scored:
+        sizes = ", ".join(f"{r['deployment']} ({r['rows']})" for r in reports)
+        raise ValueError(f"--calibrate {k}: no deployment group has more than {k} records, nothing to score "
+                         f"(groups: {sizes})")
+    scored.sort()  # file order
+    subset = [samples[i] for i in scored]
+    calibrated = {"request": (cal_pre + cal_dec)[scored],
+                  "prefill": cal_pre[scored] if phased else None, "decode": cal_dec[scored] if phased else None}
+    out = evaluate(calibrated, subset)
+    base = evaluate({"request": request[scored]}, subset)
+    out["calibration"] = {"k": k, "observations": total_obs, "groups": reports,
+                          "uncalibrated": {key: base[key] for key in ("n", "mape", "eba_5", "eba_10", "eba_30")}}
+    return out
