@@ -13,6 +13,11 @@ on the held-out one. Prints, as markdown:
 Usage (from the repository root)::
 
     python benchmarks/accuracy.py [--data PATH] [--json OUT] [--predictors gnn,llmcarbon,...]
+    python benchmarks/accuracy.py --profile vllm     # the packaged vLLM records, leave-one-family-out
+
+``--profile NAME`` scores the packaged records of that engine profile, restricted to the families
+its weights are trained on, holding out one model family at a time (``--group family``); rows the
+parser cannot model yet are counted and skipped, one line per model on stderr.
 """
 
 from __future__ import annotations
@@ -118,16 +123,22 @@ def exclusions(results: dict) -> list[str]:
     return out
 
 
-def run(data: Path, predictors: list[str], seed: int) -> dict:
-    from llmco2_serve.predictors.dataset import samples_from_records
+def run(data: Path, predictors: list[str], seed: int, group: str = "model", families=None) -> dict:
+    from llmco2_serve.predictors.dataset import samples_from_records, supported_records
     from llmco2_serve.predictors.evaluate import evaluate, leave_one_architecture_out
     from llmco2_serve.records import load_records
 
-    samples = samples_from_records(load_records(data))
+    records, skipped = supported_records(load_records(data), families=families,
+                                         warn=lambda m: print(f"accuracy: {m}", file=sys.stderr))
+    samples = samples_from_records(records)
+    if group == "family":  # the tables' columns are the held-out groups
+        from dataclasses import replace
+
+        samples = [replace(s, model=s.record.group) for s in samples]
     results = {}
     for name in predictors:
         t0 = time.perf_counter()
-        preds, folds = leave_one_architecture_out(samples, name, seed=seed)
+        preds, folds = leave_one_architecture_out(samples, name, seed=seed, group="model")
         elapsed = time.perf_counter() - t0
         rows = [{"model": s.model, "line": s.record.line, "batch": s.record.batch, "prompt_len": s.record.prompt_len,
                  "gen_tokens": s.record.gen_tokens, "measured_request_energy_j": s.request_energy_j,
@@ -137,16 +148,20 @@ def run(data: Path, predictors: list[str], seed: int) -> dict:
         results[name] = {"evaluation": evaluate(preds, samples), "folds": folds, "runtime_s": elapsed,
                          "predictions": rows}
         print(f"[{name}] {len(folds)} folds in {elapsed:.1f} s", file=sys.stderr, flush=True)
-    return {"data": str(data), "seed": seed, "n_samples": len(samples),
+    return {"data": str(data), "seed": seed, "n_samples": len(samples), "group": group,
+            "skipped": skipped,
             "models": list(dict.fromkeys(s.model for s in samples)), "results": results}
 
 
 def report(out: dict) -> str:
     results, models = out["results"], out["models"]
     parts = [
-        f"Leave-one-architecture-out on `{out['data']}` ({out['n_samples']} requests, {len(models)} models, "
-        f"seed {out['seed']}). Each column: the model held out of training. Mean = mean over the held-out "
-        "models (the paper's Mean column); Pooled = over all rows together.",
+        f"Leave-one-{out.get('group', 'model')}-out on `{out['data']}` ({out['n_samples']} records, {len(models)} "
+        f"{out.get('group', 'model')} groups, seed {out['seed']}). Each column: the {out.get('group', 'model')} held out of "
+        "training. Mean = mean over the held-out columns (the paper's Mean column); Pooled = over all rows together."
+        + (f" Skipped (parser cannot model them yet): " + ", ".join(f"{m} ({v['rows']} rows)"
+                                                                    for m, v in out["skipped"].items())
+           if out.get("skipped") else ""),
         "", table3(results, models), "", table4(results, models), "", phase_table(results, models), "",
     ]
     short = gnn_shortfalls(results, models)
@@ -171,6 +186,10 @@ def main(argv=None) -> int:
     ap.add_argument("--predictors", default=",".join(ALL_PREDICTORS),
                     help=f"comma-separated subset of {','.join(ALL_PREDICTORS)}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default=None,
+                    help="score the packaged records of this engine profile (vllm, hf-eager) instead of --data")
+    ap.add_argument("--group", choices=("model", "family"), default=None,
+                    help="hold out one model or one family (default: family with --profile, model otherwise)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small graphs; more oversubscribe 2 cores)")
     args = ap.parse_args(argv)
@@ -178,6 +197,17 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in ALL_PREDICTORS]
     if unknown or not names:
         ap.error(f"--predictors: unknown {unknown}; choose from {','.join(ALL_PREDICTORS)}")
+    families = None
+    if args.profile:
+        from importlib import resources
+
+        from llmco2_serve.predictor import PROFILES
+
+        if args.profile not in PROFILES:
+            ap.error(f"--profile: unknown {args.profile!r}; known: {', '.join(PROFILES)}")
+        args.data = Path(str(resources.files("llmco2_serve.data") / PROFILES[args.profile]["data"]))
+        families = PROFILES[args.profile]["families"]
+    group = args.group or ("family" if args.profile else "model")
     if not args.data.is_file():
         ap.error(f"--data: no such file {args.data}")
 
@@ -185,7 +215,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out = run(args.data, names, args.seed)
+    out = run(args.data, names, args.seed, group=group, families=families)
     out["runtime_s"] = time.perf_counter() - t0
     print(report(out))
     print(f"\nTotal runtime {out['runtime_s']:.1f} s (torch threads {args.threads}).")

@@ -15,8 +15,34 @@ PACKAGED_DATA = "h200-hf-eager.jsonl"
 
 
 def packaged_training_data() -> str:
-    """Path of the measured records the embedded weights were trained on (shipped in the package)."""
+    """Path of the packaged H200 records (the ``hf-eager`` profile's training data)."""
     return str(resources.files("llmco2_serve.data") / PACKAGED_DATA)
+
+
+def profile_training_data(profile: str) -> str:
+    """Path of the packaged records engine ``profile``'s weights are trained on."""
+    from .predictor import profile_info
+
+    return str(resources.files("llmco2_serve.data") / profile_info(profile)["data"])
+
+
+def _profile_arg(args):
+    """The engine profile a command uses: None when a weights file is given (the file decides)."""
+    if getattr(args, "weights", None) and getattr(args, "profile", None):
+        raise ValueError("give --profile or --weights, not both")
+    if getattr(args, "weights", None):
+        return None
+    from .predictor import DEFAULT_PROFILE
+
+    return getattr(args, "profile", None) or DEFAULT_PROFILE
+
+
+def _supported(records, command, families=None):
+    """Rows the graph can be built for; each skipped model named on stderr with its row count."""
+    from .predictors.dataset import supported_records
+
+    kept, _ = supported_records(records, warn=_warn_to_stderr(command), families=families)
+    return kept
 
 
 def _carbon(args):
@@ -36,7 +62,7 @@ def cmd_predict(args) -> int:
     p = Predictor.from_config(args.model_config, gpu=args.gpu, n_gpu=args.n_gpu, pipeline_parallel=args.pp,
                               dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, carbon=_carbon(args),
                               gpu_spec_file=args.gpu_spec_file, weights_path=args.weights,
-                              attention=args.attention)
+                              attention=args.attention, profile=_profile_arg(args))
     pred = p.predict(batch=args.batch, prompt_len=args.prompt_len, gen_tokens=args.gen_tokens)
     d = pred.to_dict()
     if args.json:
@@ -66,23 +92,25 @@ def cmd_eval(args) -> int:
     from .predictors.evaluate import evaluate, leave_one_architecture_out
     from .records import load_records
 
-    records = load_records(args.data, warn=_warn_to_stderr("eval"))
+    records = _supported(load_records(args.data, warn=_warn_to_stderr("eval")), "eval")
     samples = samples_from_records(records)
     if args.loao:
-        predicted, _ = leave_one_architecture_out(samples, args.predictor, seed=args.seed)
-        protocol = "leave-one-architecture-out on --data"
+        predicted, _ = leave_one_architecture_out(samples, args.predictor, seed=args.seed, group=args.group)
+        protocol = f"leave-one-{args.group}-out on --data"
     elif args.predictor == "gnn" and not args.train:
         from .predictor import load_weights
         from .predictors.train import predict_samples, trained_from_embedded
 
-        predicted = predict_samples(trained_from_embedded(load_weights(args.weights)), samples)
-        protocol = "embedded weights" + (" (in-sample: --data is their training data)"
-                                         if os.path.abspath(args.data) == os.path.abspath(packaged_training_data())
-                                         else "")
+        profile = _profile_arg(args)
+        predicted = predict_samples(trained_from_embedded(load_weights(args.weights, profile)), samples)
+        protocol = (f"weights {args.weights}" if args.weights else f"embedded weights, profile {profile}") + (
+            " (in-sample: --data is their training data)"
+            if profile and os.path.abspath(args.data) == os.path.abspath(profile_training_data(profile)) else "")
     else:
         from .predictors.baselines import make_predictor
 
-        train = samples_from_records(load_records(args.train or packaged_training_data(), warn=_warn_to_stderr("eval")))
+        train = samples_from_records(_supported(load_records(
+            args.train or profile_training_data(_profile_arg(args) or "vllm"), warn=_warn_to_stderr("eval")), "eval"))
         predicted = make_predictor(args.predictor, seed=args.seed).fit(train).predict(samples)
         protocol = f"fitted on {args.train or 'the packaged training data'}"
     if args.calibrate is not None:  # per deployment: first K rows calibrate, the rest are scored
@@ -126,8 +154,13 @@ def cmd_train(args) -> int:
     from .predictors.train import TrainConfig, train_embedded
     from .records import load_records
 
-    data = args.data or packaged_training_data()
-    records = load_records(data, warn=_warn_to_stderr("train"))
+    from .predictor import profile_info
+
+    info = profile_info(args.profile)
+    data = args.data or profile_training_data(args.profile)
+    # The profile's own records train on its pinned families; a user's --data on every row that parses.
+    records = _supported(load_records(data, warn=_warn_to_stderr("train")), "train",
+                         families=None if args.data else info["families"])
     config = TrainConfig(epochs=args.epochs, seed=args.seed)
     accuracy = {}
     if args.accuracy_json:  # benchmarks/accuracy.py --json output: keep the GNN's held-out numbers
@@ -137,7 +170,13 @@ def cmd_train(args) -> int:
         accuracy = {"protocol": "leave-one-architecture-out (benchmarks/accuracy.py)", "data": bench.get("data"),
                     "request": {k: ev.get(k) for k in ("n", "mape", "eba_5", "eba_10", "eba_30")},
                     "per_model_mape": {m: v.get("mape") for m, v in ev.get("per_model", {}).items()}}
-    meta = train_embedded(records, args.out, data_source=args.source or data, config=config, accuracy=accuracy)
+    reproduce = (f"python benchmarks/accuracy.py --profile {args.profile} --predictors gnn --json {args.accuracy_json} && "
+                 if args.accuracy_json else "") + "llmco2 train --profile " + args.profile + (
+        f" --data {args.data}" if args.data else "") + (f" --epochs {args.epochs}" if args.epochs != 600 else "") + (
+        f" --seed {args.seed}" if args.seed else "") + (f" --accuracy-json {args.accuracy_json}" if args.accuracy_json
+                                                        else "") + f" --out {args.out}"
+    meta = train_embedded(records, args.out, data_source=args.source or (data if args.data else f"llmco2_serve/data/{info['data']} (packaged)"), config=config, accuracy=accuracy,
+                          profile=args.profile, reproduce=reproduce)
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json: {meta['training_data']['n_records']} records, "
           f"final training loss {meta['final_train_loss']:.4f}")
     return 0
@@ -187,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, required=True)
     p.add_argument("--intensity", type=float, help="grid carbon intensity, g CO2e/kWh")
     p.add_argument("--pue", type=float)
-    p.add_argument("--weights", help="GNN weights (.npz from llmco2 train); default: embedded")
+    p.add_argument("--weights", help="GNN weights (.npz from llmco2 train) instead of a packaged profile")
+    p.add_argument("--profile", help="engine profile of the packaged weights: vllm (default), hf-eager")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -195,8 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="records JSONL (format: shared/README.md)")
     e.add_argument("--predictor", choices=("gnn", "llmcarbon", "random-forest", "nnlqp"), default="gnn")
     e.add_argument("--train", help="records to fit on (default: embedded weights for gnn, packaged data else)")
-    e.add_argument("--loao", action="store_true", help="leave-one-architecture-out on --data instead")
-    e.add_argument("--weights", help="GNN weights file (default: embedded)")
+    e.add_argument("--loao", action="store_true", help="leave-one-family-out on --data instead (see --group)")
+    e.add_argument("--group", choices=("family", "model"), default="family",
+                   help="--loao holds out a record's family (its model label when it has none) or its model")
+    e.add_argument("--weights", help="GNN weights file instead of a packaged profile")
+    e.add_argument("--profile", help="engine profile of the packaged weights: vllm (default), hf-eager")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
     e.add_argument("--calibrate", type=int, metavar="K",
@@ -204,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="(re)train the GNN and write weights + metadata")
-    t.add_argument("--data", help="records JSONL (default: the packaged H200 records)")
+    t.add_argument("--data", help="records JSONL (default: the profile's packaged records)")
+    t.add_argument("--profile", default="vllm", help="engine profile the weights are for: vllm (default), hf-eager")
     t.add_argument("--out", required=True, help="output .npz (metadata goes to the .json beside it)")
     t.add_argument("--source", help="provenance text for the metadata (default: the data path)")
     t.add_argument("--epochs", type=int, default=600)
@@ -225,12 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     from .arch import ArchitectureError
     from .hardware import GPUSpecError, UnknownGPUError, UnsupportedDtypeError
     from .precision import PrecisionError
+    from .predictor import WeightsError
     from .records import RecordError
 
     try:
         return args.func(args)
     except (ArchitectureError, UnknownGPUError, GPUSpecError, UnsupportedDtypeError, PrecisionError, RecordError,
-            ValueError, FileNotFoundError) as e:
+            ValueError, FileNotFoundError, WeightsError) as e:
         print(f"llmco2 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

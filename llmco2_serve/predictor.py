@@ -28,12 +28,31 @@ from .predictors.gnn_numpy import NumpyGNN, mean_adjacency
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "gnn_weights.npz"
-METADATA_FILE = "gnn_weights.json"
+# Engine profiles: one packaged weights file (+ ``.json`` metadata) per way of running the model,
+# each trained on the packaged records of that engine (``llmco2 train --profile NAME``).
+# ``families``: the model families (records' ``family``, else model label) its weights are trained
+# on, pinned so that the weights reproduce while the parser gains families; None: every record.
+PROFILES: dict[str, dict] = {
+    "vllm": {"weights": "gnn_weights_vllm.npz", "data": "mlenergy-v3-vllm.jsonl",
+             "families": ("qwen3", "qwen3_moe"),
+             "about": "vLLM continuous batching, CUDA graphs (ML.ENERGY Benchmark v3, H100/B200, TP/EP up to 8)"},
+    "hf-eager": {"weights": "gnn_weights_hf-eager.npz", "data": "h200-hf-eager.jsonl", "families": None,
+                 "about": "Hugging Face transformers, eager, bf16, one request at a time (175 H200 requests)"},
+}
+DEFAULT_PROFILE = "vllm"
+WEIGHTS_FILE = PROFILES[DEFAULT_PROFILE]["weights"]
+METADATA_FILE = os.path.splitext(WEIGHTS_FILE)[0] + ".json"
 
 
 class WeightsError(RuntimeError):
     pass
+
+
+def profile_info(profile: str) -> dict:
+    """The :data:`PROFILES` entry of ``profile``; WeightsError naming the known ones otherwise."""
+    if profile not in PROFILES:
+        raise WeightsError(f"unknown engine profile {profile!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[profile]
 
 
 @dataclass(frozen=True)
@@ -44,18 +63,23 @@ class EmbeddedWeights:
     @property
     def label(self) -> str:
         m = self.metadata
-        return f"llmco2-gnn {m.get('version', '?')} ({m.get('engine_profile', '?')})"
+        profile = f" {m['profile']}" if m.get("profile") else ""
+        return f"llmco2-gnn {m.get('version', '?')}{profile} ({m.get('engine_profile', '?')})"
 
 
-@functools.lru_cache(maxsize=4)
-def load_weights(path: str | None = None) -> EmbeddedWeights:
-    """The packaged GNN weights (or a user file written by ``llmco2 train``), loaded once."""
+@functools.lru_cache(maxsize=8)
+def load_weights(path: str | None = None, profile: str | None = None) -> EmbeddedWeights:
+    """GNN weights: a user file written by ``llmco2 train`` (``path``), else the packaged weights of
+    engine ``profile`` (default :data:`DEFAULT_PROFILE`); loaded once. Not both."""
+    if path is not None and profile is not None:
+        raise WeightsError("give a weights file or an engine profile, not both")
     try:
         if path is None:
+            name = profile_info(profile or DEFAULT_PROFILE)["weights"]
             base = resources.files("llmco2_serve.data")
-            with resources.as_file(base / WEIGHTS_FILE) as p, open(p, "rb") as f:
+            with resources.as_file(base / name) as p, open(p, "rb") as f:
                 arrays = dict(np.load(f))
-            metadata = json.loads((base / METADATA_FILE).read_text(encoding="utf-8"))
+            metadata = json.loads((base / (os.path.splitext(name)[0] + ".json")).read_text(encoding="utf-8"))
         else:
             with open(path, "rb") as f:
                 arrays = dict(np.load(f))
@@ -63,7 +87,7 @@ def load_weights(path: str | None = None) -> EmbeddedWeights:
             with open(meta_path, encoding="utf-8") as f:
                 metadata = json.load(f)
     except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot load GNN weights from {path or 'the package'}: {e}") from e
+        raise WeightsError(f"cannot load GNN weights from {path or f'profile {profile or DEFAULT_PROFILE!r}'}: {e}") from e
     return EmbeddedWeights(arrays, metadata)
 
 
@@ -136,10 +160,12 @@ class Predictor:
                     n_gpu: int | None = None, tensor_parallel: int | None = None, pipeline_parallel: int = 1,
                     dtype: str | None = None, kv_cache_dtype: str | None = None,
                     carbon: CarbonSettings | None = None, gpu_spec_file: str | None = None,
-                    weights_path: str | None = None, attention: str = "fused") -> "Predictor":
+                    weights_path: str | None = None, attention: str = "fused",
+                    profile: str | None = None) -> "Predictor":
         """Build from an HF config (dict, file or model folder), a GPU name (NVML names work) and TP/PP.
 
-        ``n_gpu`` is a shorthand for ``tensor_parallel`` when PP is 1.
+        ``n_gpu`` is a shorthand for ``tensor_parallel`` when PP is 1. ``profile`` names the packaged
+        engine profile's weights (:data:`PROFILES`, default ``vllm``); ``weights_path`` a user file instead.
         """
         config = dict(model_config) if isinstance(model_config, Mapping) else load_hf_config(model_config)
         arch = ModelArch.from_hf_config(config)
@@ -150,7 +176,7 @@ class Predictor:
             raise ValueError(f"n_gpu={n_gpu} is not tensor_parallel x pipeline_parallel ({tp} x {pipeline_parallel})")
         return cls(arch=arch, gpu=spec, precision=precision,
                    parallelism=Parallelism(tp, pipeline_parallel), carbon=carbon or CarbonSettings(),
-                   attention=attention, weights=load_weights(weights_path),
+                   attention=attention, weights=load_weights(weights_path, profile),
                    model_name=str(config.get("_name_or_path") or config.get("model_type")))
 
     # -- hot path ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Measured energy records (the JSON-lines format of ``shared/README.md``).
 
 One object per line: ``model``, ``arch`` (HF config fields), ``dtype``, ``gpu``, ``n_gpu``,
-``batch``, ``prompt_len``, ``gen_tokens``, phase energies/times. A malformed row raises
+``batch``, ``prompt_len``, ``gen_tokens``, phase energies/times; optional ``family`` (the
+leave-one-family-out group) and ``aggregated: "steady-state"`` (a row that summarises continuous
+batching: average batch and output length, request energy only). A malformed row raises
 :class:`RecordError` naming the file and line; nothing is dropped silently (a row cut off by a
 crashed writer is skipped with a counted warning, :func:`load_records`).
 """
@@ -20,6 +22,10 @@ from typing import Any, Iterable
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("model", "arch", "dtype", "gpu", "n_gpu", "batch", "prompt_len", "gen_tokens", "request_energy_j")
+
+
+_OPTIONAL_TAGS = ("family", "aggregated")
+AGGREGATED_KINDS = ("steady-state",)
 
 
 class RecordError(ValueError):
@@ -43,6 +49,16 @@ class EnergyRecord:
     engine: str
     source: str
     line: int
+    # Leave-one-family-out group (e.g. the config's model_type); None: the model label is its own family.
+    family: str | None = None
+    # "steady-state": one row summarises continuous-batching serving (average batch and output
+    # length, energy per request; no phase split). None: one measured request.
+    aggregated: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The family a leave-one-family-out split holds out together."""
+        return self.family or self.model
 
     @property
     def attention(self) -> str:
@@ -51,6 +67,9 @@ class EnergyRecord:
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "line"}
+        for k in _OPTIONAL_TAGS:  # absent tags stay absent: hashes of older record files do not move
+            if d[k] is None:
+                del d[k]
         return d
 
 
@@ -79,6 +98,11 @@ def parse_record(row: Any, where: str, line: int = 0) -> EnergyRecord:
             raise RecordError(f"{where}: missing field {key!r}")
     if not isinstance(row["arch"], dict):
         raise RecordError(f"{where}: field 'arch' must be an object of HF config fields")
+    for key in _OPTIONAL_TAGS:
+        if row.get(key) is not None and (not isinstance(row[key], str) or not row[key]):
+            raise RecordError(f"{where}: field {key!r} must be a non-empty string, got {row[key]!r}")
+    if row.get("aggregated") is not None and row["aggregated"] not in AGGREGATED_KINDS:
+        raise RecordError(f"{where}: field 'aggregated' must be one of {AGGREGATED_KINDS}, got {row['aggregated']!r}")
     return EnergyRecord(
         model=str(row["model"]),
         arch=row["arch"],
@@ -95,6 +119,8 @@ def parse_record(row: Any, where: str, line: int = 0) -> EnergyRecord:
         engine=str(row.get("engine", "unknown")),
         source=str(row.get("source", "")),
         line=line,
+        family=row.get("family"),
+        aggregated=row.get("aggregated"),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +15,8 @@ from llmco2_serve.precision import Precision
 from llmco2_serve.records import EnergyRecord
 
 from .features import featurize
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,3 +63,56 @@ def sample_from_record(rec: EnergyRecord) -> GraphSample:
 
 def samples_from_records(records) -> list[GraphSample]:
     return [sample_from_record(r) for r in records]
+
+
+def unsupported_reason(rec: EnergyRecord) -> str | None:
+    """Why the graph cannot be built for ``rec`` today (None: it can).
+
+    A ``model_type`` the parser does not model as a family is refused here too: the parser would
+    accept it as a standard decoder (an extrapolation, with a warning) and price an MoE or a hybrid
+    Mamba model as something it is not, which is no ground to train or score on.
+    """
+    from llmco2_serve.arch import ArchitectureError
+    from llmco2_serve.hardware import GPUSpecError, UnknownGPUError, UnsupportedDtypeError
+    from llmco2_serve.precision import PrecisionError
+
+    model_type = rec.arch.get("model_type")
+    arch_log = logging.getLogger("llmco2_serve.arch")
+    level = arch_log.level
+    arch_log.setLevel(logging.ERROR)  # the parser's "unknown family, extrapolating" warning: said below instead
+    try:
+        if not ModelArch.from_hf_config(rec.arch).known_family:
+            return f"architecture {model_type!r} is not modelled by the parser yet"
+        template_for_record(rec)
+    except (ArchitectureError, UnknownGPUError, GPUSpecError, UnsupportedDtypeError, PrecisionError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        arch_log.setLevel(level)
+    return None
+
+
+def supported_records(records, *, warn=None, families=None) -> tuple[list[EnergyRecord], dict[str, dict]]:
+    """Records the graph can be built for, and the skipped ones per model: ``{model: {"rows", "reason"}}``.
+
+    Every skipped model is reported through ``warn`` (one message per model, with its row count and
+    reason); nothing is dropped silently. Raises ValueError when no record is left.
+    """
+    keep, skipped = [], {}
+    reasons: dict[tuple, str | None] = {}
+    for r in records:
+        key = (r.model, json.dumps(r.arch, sort_keys=True), r.dtype, r.gpu, r.n_gpu)
+        if key not in reasons:
+            reasons[key] = unsupported_reason(r)
+        reason = reasons[key]
+        if reason is None and families is not None and r.group not in families:
+            reason = f"family {r.group!r} is not in this profile's training families {sorted(families)}"
+        if reason is None:
+            keep.append(r)
+        else:
+            entry = skipped.setdefault(r.model, {"rows": 0, "reason": reason})
+            entry["rows"] += 1
+    for model, entry in skipped.items():
+        (warn or _log.warning)(f"skipped {entry['rows']} row(s) of model {model!r}: {entry['reason']}")
+    if not keep:
+        raise ValueError(f"no record has an architecture the parser supports ({len(records)} row(s) skipped)")
+    return keep, skipped

@@ -125,24 +125,30 @@ PredictorFactory = Callable[[str, int], EnergyPredictor]
 
 
 def leave_one_architecture_out(samples: Sequence[GraphSample], predictor_name: str, seed: int = 0, *,
-                               make: PredictorFactory = make_predictor):
+                               make: PredictorFactory = make_predictor, group: str = "model"):
     """Train on all models but one, predict the held-out one; once per ``model`` label.
+
+    ``group="family"`` holds out a whole family at a time (``EnergyRecord.group``: the record's
+    ``family``, its model label when it has none), so sizes of one family never train its test.
 
     Returns ``(predictions, folds)``: predictions ``{"prefill", "decode", "request"}`` aligned to
     ``samples`` (phases None when the predictor has none) and one dict per fold: ``held_out``,
     ``train_models``, ``n_train``, ``n_test``, ``fit_time_s``, ``predict_time_s``. ``make(name, seed)``
     builds a fresh predictor per fold (``make_predictor`` by default).
     """
-    models = list(dict.fromkeys(s.model for s in samples))
+    if group not in ("model", "family"):
+        raise ValueError(f"group must be 'model' or 'family', got {group!r}")
+    key = (lambda s: s.model) if group == "model" else (lambda s: s.record.group)
+    models = list(dict.fromkeys(key(s) for s in samples))
     if len(models) < 2:
-        raise ValueError(f"leave_one_architecture_out needs samples of at least 2 models, got {models}")
+        raise ValueError(f"leave_one_architecture_out needs samples of at least 2 {group}s, got {models}")
     n = len(samples)
     preds: dict[str, np.ndarray | None] = {p: np.full(n, np.nan) for p in PHASES}
     folds = []
     for held_out in models:
-        test_idx = [i for i, s in enumerate(samples) if s.model == held_out]
-        train = [s for s in samples if s.model != held_out]
-        train_models = sorted({s.model for s in train})
+        test_idx = [i for i, s in enumerate(samples) if key(s) == held_out]
+        train = [s for s in samples if key(s) != held_out]
+        train_models = sorted({key(s) for s in train})
         if held_out in train_models:  # the whole point of the split; never let it regress
             raise RuntimeError(f"fold {held_out!r}: the held-out model is in the training set")
         predictor = make(predictor_name, seed)

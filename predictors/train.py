@@ -8,7 +8,9 @@ Choices the paper leaves open (written down here and in docs/predictors.md):
 * Loss: mean relative error |E_hat / E - 1| over prefill, decode and whole-request energy, after a
   short warm-up on squared log error (relative error from a random start has exploding gradients).
   Rows whose phase label is not positive (counter noise, a decode of zero steps) are left out of that
-  phase's loss term only; they still count for the request term.
+  phase's loss term only; they still count for the request term. Rows with no phase label at all
+  (aggregated steady-state records: one request energy at an average batch) are first-class: the
+  warm-up fits their request energy in squared log error, then the request term as for the others.
 * Optimiser: Adam, lr 1e-3 (paper 5.1), full batch (our data sets are smaller than the paper's 512).
 """
 
@@ -97,9 +99,18 @@ def train_gnn(samples, config: TrainConfig | None = None) -> TrainedGNN:
     y_pre_u = y_pre / scale_t
 
     model = LLMCO2GNN(len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES), hidden=config.hidden)
+    # Rows with a request energy and no phase label at all (aggregated steady-state records, or
+    # any record without a split): the warm-up fits their request energy in log space instead.
+    m_only = torch.tensor(np.isnan(pre) & np.isnan(dec)) & m_req
+    if not (m_pre.any() or m_dec.any() or m_req.any()):
+        raise ValueError(f"train_gnn: none of the {len(samples)} samples has a positive energy label")
+    # A per-layer, per-sequence-step scale of the request-only rows: request / (layers x (steps + 1)).
+    y_unit = y_req / scale_t / (steps_t + 1.0)
     with torch.no_grad():  # start near the data's scale so early relative errors stay bounded
-        model.lin2.bias[0] = torch.log(y_pre_u[m_pre]).mean() if m_pre.any() else 0.0
-        model.lin2.bias[1] = torch.log(y_step[m_dec]).mean() if m_dec.any() else 0.0
+        model.lin2.bias[0] = torch.log(y_pre_u[m_pre]).mean() if m_pre.any() else (
+            torch.log(y_unit[m_only]).mean() if m_only.any() else 0.0)
+        model.lin2.bias[1] = torch.log(y_step[m_dec]).mean() if m_dec.any() else (
+            torch.log(y_unit[m_only]).mean() if m_only.any() else 0.0)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = []
     for epoch in range(config.epochs):
@@ -112,7 +123,11 @@ def train_gnn(samples, config: TrainConfig | None = None) -> TrainedGNN:
                 terms.append(((o_pre - torch.log(y_pre_u))[m_pre] ** 2).mean())
             if m_dec.any():
                 terms.append(((o_step - torch.log(y_step))[m_dec] ** 2).mean())
-            loss = sum(terms)
+            m_req_term = m_only if (terms or m_only.any()) else m_req  # no phase label is usable: the request
+            if m_req_term.any():
+                e_req = (torch.exp(o_pre.clamp(max=30)) + torch.exp(o_step.clamp(max=30)) * steps_t) * scale_t
+                terms.append(((torch.log(e_req) - torch.log(y_req))[m_req_term] ** 2).mean())
+            loss = sum(terms)  # at least one term: some label is positive (checked above)
         else:
             e_pre = torch.exp(o_pre.clamp(max=30)) * scale_t
             e_dec = torch.exp(o_step.clamp(max=30)) * steps_t * scale_t
@@ -158,7 +173,7 @@ def mean_power_fraction_of_tdp(records) -> float:
 
 
 def train_embedded(records, out_npz: str, *, data_source: str, config: TrainConfig | None = None,
-                   accuracy: dict | None = None) -> dict:
+                   accuracy: dict | None = None, profile: str | None = None, reproduce: str | None = None) -> dict:
     """Train on all ``records`` and write ``out_npz`` plus its ``.json`` metadata; returns the metadata."""
     import json
     import os
@@ -186,13 +201,17 @@ def train_embedded(records, out_npz: str, *, data_source: str, config: TrainConf
             "sha256": _sha256_of_records(records),
             "n_records": len(records),
             "models": sorted({r.model for r in records}),
+            **({"families": sorted({r.family for r in records if r.family})} if any(r.family for r in records) else {}),
+            **({"aggregated_steady_state_rows": sum(1 for r in records if r.aggregated)}
+               if any(r.aggregated for r in records) else {}),
             "gpus": gpus,
         },
         "engine_profile": "+".join(engines) + "@" + "+".join(gpus),
+        **({"profile": profile} if profile else {}),
         "mean_power_fraction_of_tdp": mean_power_fraction_of_tdp(records),
         "final_train_loss": trained.history[-1][1] if trained.history else None,
         "accuracy": accuracy or {},
-        "reproduce": "llmco2 train --data <records.jsonl> --out llmco2_serve/data/gnn_weights.npz",
+        "reproduce": reproduce or f"llmco2 train --data <records.jsonl> --out {out_npz}",
     }
     with open(os.path.splitext(out_npz)[0] + ".json", "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2, sort_keys=True)

@@ -55,10 +55,10 @@ def test_eval_reports_malformed_line(tmp_path, capsys):
 def test_eval_embedded_gnn_json(capsys):
     from llmco2_serve.cli import packaged_training_data
 
-    assert main(["eval", "--data", packaged_training_data(), "--json"]) == 0
+    assert main(["eval", "--data", packaged_training_data(), "--profile", "hf-eager", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["n"] >= 170 and 0 <= d["eba_10"] <= d["eba_30"] <= 1
-    assert "in-sample" in d["protocol"]
+    assert "in-sample" in d["protocol"] and "hf-eager" in d["protocol"]
     assert set(d["per_model"]) >= {"llama3.1-8b", "bloom-1b7"}
 
 

@@ -19,7 +19,9 @@ def test_wheel_has_one_namespace(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"llmco2_serve"}
     for must in ("llmco2_serve/hooks/__init__.py", "llmco2_serve/predictors/gnn.py",
-                 "llmco2_serve/data/gnn_weights.npz", "llmco2_serve/data/gnn_weights.json",
+                 "llmco2_serve/data/gnn_weights_vllm.npz", "llmco2_serve/data/gnn_weights_vllm.json",
+                 "llmco2_serve/data/gnn_weights_hf-eager.npz", "llmco2_serve/data/gnn_weights_hf-eager.json",
+                 "llmco2_serve/data/mlenergy-v3-vllm.jsonl", "llmco2_serve/data/MLENERGY_V3.md",
                  "llmco2_serve/data/gpus.csv", "llmco2_serve/data/h200-hf-eager.jsonl"):
         assert must in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
