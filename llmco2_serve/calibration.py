@@ -47,7 +47,8 @@ Each row has a residual ``r`` against the current estimate and a variance
 ``v = tau^2 + sigma^2``: ``sigma = uncertainty_j / measured_j`` is the measurement's own error in
 log space (delta method) and ``tau`` the running robust scale of the residuals (what is left of
 the predictor's error after calibration; an exponential mean of ``|r|`` clipped at ``3 tau``, times
-``sqrt(pi/2)``, floored at 0.02). The row's weight is ``h / v`` with the Huber weight
+``sqrt(pi/2)``, floored at 0.02; a row's step is scaled by ``tau^2 / v``, so rows dominated by
+their measurement noise do not inflate it). The row's weight is ``h / v`` with the Huber weight
 ``h = min(1, k / |r / sqrt(v)|)`` (``k = 1.5``): a gross outlier (a counter glitch, a request that
 shared its GPUs with something else) has bounded influence instead of a squared one, and a noisy
 measurement counts less than a precise one. Rows accumulate into the normal equations
@@ -463,7 +464,9 @@ class Calibrator:
         u = ar / math.sqrt(v)
         h = 1.0 if u <= self.huber_k else self.huber_k / u
         clip = 3.0 * tau
-        tau += self.scale_rate * ((ar if ar < clip else clip) * _MAD_TO_SD - tau)
+        # A row dominated by its measurement noise says little about tau: its step is scaled by
+        # tau^2 / v (else noisy rows inflate tau and the precise rows lose their extra weight).
+        tau += self.scale_rate * (tau * tau / v) * ((ar if ar < clip else clip) * _MAD_TO_SD - tau)
         self._tau = tau if tau > self.min_scale else self.min_scale
         return h / v
 
@@ -606,7 +609,7 @@ class Calibrator:
         have = self._x_lo <= self._x_hi
         return {
             "format": FORMAT, "version": FORMAT_VERSION, "key": self.key.to_dict(), "key_id": self.key.id,
-            "stats": [v * inv for v in self._stats], "rows": self._rows,
+            "stats": [v * inv for v in self._stats], "rows": self._rows, "rows_since_solve": self._since_solve,
             "batch_log_range": [self._x_lo, self._x_hi] if have else None,
             "residual_scale": self._tau, "observations": self.observations, "by_kind": dict(self.by_kind),
             "rejected": dict(self.rejected), "params": list(self._params),
@@ -633,7 +636,7 @@ class Calibrator:
         self._err_raw = deque((float(v) for v in errors.get("uncalibrated", [])), maxlen=self.error_window)
         self._err_cal = deque((float(v) for v in errors.get("calibrated", [])), maxlen=self.error_window)
         self._params = tuple(params)
-        self._since_solve = 0
+        self._since_solve = int(d.get("rows_since_solve", 0))  # the same solve schedule after a restart
 
     @classmethod
     def load(cls, path: str | os.PathLike, key: DeploymentKey, **config: Any) -> "Calibrator":
