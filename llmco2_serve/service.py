@@ -71,6 +71,7 @@ FINALS_HEADER = "x-llmco2-finals"
 FINALS_REQUEST_ID = "llmco2-finals"
 # Predictions kept after the span for the request's final measured value (async; bounded).
 _MAX_AWAITING_FINAL = 65536
+_CALIBRATION_SAVE_S = 30.0  # the calibration file is rewritten at most this often
 # Predictions kept for requests that never report back (client aborts): oldest dropped first.
 _MAX_PENDING = 65536
 # Table range where vLLM does not say (it always does: max_num_seqs, max_model_len).
@@ -93,6 +94,7 @@ class ModelInfo:
     pipeline_parallel: int = 1
     max_model_len: int | None = None
     max_num_seqs: int | None = None
+    engine: str = "vllm"  # serving engine and version, part of the calibration's deployment key
 
     @property
     def n_gpu(self) -> int:
@@ -126,6 +128,10 @@ class RequestPrediction:
     co2_g_upper: float
     embodied_co2_g: float
     latency_s: float  # time this prediction took
+    # The GNN's own prediction before the deployment's calibration (equal when not calibrated).
+    uncalibrated_prefill_energy_j: float = math.nan
+    uncalibrated_decode_energy_j: float = math.nan
+    calibrated: bool = False
 
 
 @dataclass(frozen=True)
@@ -281,6 +287,10 @@ class EnergyService:
         self.gpu_source = "detected" if self.gpu_names else "configured"
         self.gpu_label = self.gpu_names[0] if self.gpu_names else (settings.gpu_spec_file or settings.gpu)
         self._build_predictor(predictor_factory)
+        self.calibrator: Any = None
+        self._calibration_saved_at = time.monotonic()
+        if self.predictor is not None and settings.calibration:
+            self._build_calibrator()
         # Hot path (fast_predict.py): predictions come from a table built once; until it is ready
         # (or where a request falls outside it) on_request calls the predictor directly.
         self.table: Any = None
@@ -300,6 +310,22 @@ class EnergyService:
                 self._table_thread.start()
 
     # ------------------------------------------------------------------ set-up
+    def _build_calibrator(self) -> None:
+        """This deployment's calibrator, restored from its file next to the pairs file (a changed
+        deployment starts afresh, calibration.py)."""
+        from .calibration import Calibrator, DeploymentKey
+
+        m = self.model
+        key = DeploymentKey(model=m.model_name or "unknown", gpu=str(self.gpu_label), n_gpu=max(1, m.n_gpu),
+                            tensor_parallel=max(1, m.tensor_parallel), pipeline_parallel=max(1, m.pipeline_parallel),
+                            dtype=str(m.quantization or m.dtype or "auto"), engine=m.engine,
+                            predictor=self.predictor_label)
+        path = self.settings.pairs_path
+        if path:
+            self.calibrator = Calibrator.load(Calibrator.path_for(path, key), key)
+        else:
+            self.calibrator = Calibrator(key)
+
     def _build_predictor(self, factory: Callable[..., Any] | None) -> None:
         choice = make_predictor(self.settings, self.model, self.gpu_names, factory)
         self.predictor, self.gpu_label, self.gpu_source, self.error = (
@@ -316,6 +342,16 @@ class EnergyService:
         gpus = ", ".join(self.gpu_names) if self.gpu_names else "no NVML"
         pred = (f"predicting for {m.n_gpu}x {self.gpu_label} ({self.gpu_source}) with {self.predictor_label}"
                 if self.predictor is not None else f"NO predictions ({self.error})")
+        cal = self.calibrator
+        if cal is not None:
+            st = cal.state()
+            err = st["error"]
+            pred += (f"; calibration {st['deployment']}: {st['observations']} observations, "
+                     f"{'active' if st['active'] else 'not yet active'}, prefill x{st['prefill_factor']:.3g}, "
+                     f"decode x{st['decode_factor']:.3g}"
+                     + (f", median error {err['uncalibrated_median_abs_rel_error']:.0%} uncalibrated -> "
+                        f"{err['calibrated_median_abs_rel_error']:.0%} served" if err["n"] else "")
+                     + (f" ({st['reset_reason']})" if st["reset_reason"] else ""))
         return (f"llmco2: model {m.model_name} arch {m.architecture} recognised={self.predictor is not None}; "
                 f"dtype {m.dtype} quantization {m.quantization or 'none'} kv {m.kv_cache_dtype or 'auto'}; "
                 f"TP {m.tensor_parallel} PP {m.pipeline_parallel}; GPUs: {gpus}; {pred}; {self.settings.describe()}")
@@ -388,6 +424,19 @@ class EnergyService:
             pre, dec = float(pb.prefill_energy_j[0]) / b, float(pb.decode_energy_j[0]) / b
             co2, time_s = float(pb.co2_g[0]) / b, float(pb.time_s[0]) / b
             energy_upper, co2_upper = float(pb.energy_j[1]) / b, float(pb.co2_g[1]) / b
+        raw_pre, raw_dec = pre, dec
+        cal = self.calibrator
+        calibrated = cal is not None and cal.is_active
+        if calibrated:
+            # The deployment's correction (calibration.py); CO2 and the upper bound scale with it.
+            pre, dec = cal.calibrated(pre, dec, batch=b)
+            raw = raw_pre + raw_dec
+            f = (pre + dec) / raw if raw > 0 else 1.0
+            oper_raw = operational_co2_g(raw, self.settings.pue, self.settings.intensity_g_per_kwh)
+            co2 = co2 + oper_raw * (f - 1.0)
+            co2_upper = co2_upper + operational_co2_g(energy_upper, self.settings.pue,
+                                                      self.settings.intensity_g_per_kwh) * (f - 1.0)
+            energy_upper *= f
         energy = pre + dec
         oper = operational_co2_g(energy, self.settings.pue, self.settings.intensity_g_per_kwh)
         latency = self._clock() - t0
@@ -396,7 +445,8 @@ class EnergyService:
             batch=b, prefill_energy_j=pre, decode_energy_j=dec, energy_j=energy, co2_g=co2,
             time_s=time_s, energy_j_upper=energy_upper if energy_upper > energy else energy,
             co2_g_upper=co2_upper if co2_upper > co2 else co2, embodied_co2_g=max(0.0, co2 - oper),
-            latency_s=latency)
+            latency_s=latency, uncalibrated_prefill_energy_j=raw_pre, uncalibrated_decode_energy_j=raw_dec,
+            calibrated=calibrated)
         now = time.monotonic()
         with self._lock:
             self._pending[request_id] = pred
@@ -487,6 +537,11 @@ class EnergyService:
             attrs["llmco2.predicted.co2_g_upper"] = pred.co2_g_upper
             attrs["llmco2.predicted.batch"] = pred.batch
             attrs["llmco2.predicted.embodied_co2_g"] = pred.embodied_co2_g
+            attrs["llmco2.predicted.calibrated"] = pred.calibrated
+            attrs["llmco2.predicted.uncalibrated_energy_j"] = (
+                pred.uncalibrated_prefill_energy_j + pred.uncalibrated_decode_energy_j)
+            if self.calibrator is not None:
+                attrs["llmco2.calibration.observations"] = self.calibrator.observations
             if gen_tokens is not None and gen_tokens >= 0:
                 self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
         elif self.error is None and self.predictor is not None:
@@ -587,6 +642,16 @@ class EnergyService:
                 hook(rid, attrs)
             except Exception as e:  # noqa: BLE001 - fail-open: telemetry never breaks accounting
                 logger.debug("llmco2: late measurement span failed: %s", e)
+        cal = self.calibrator
+        if cal is not None and pred is not None and completed:
+            # Learns only from real measurements (the calibrator rejects estimates, partial and
+            # shared sources itself, counted); from the GNN's own prediction, not the served one.
+            cal.observe_request(
+                predicted_prefill_j=pred.uncalibrated_prefill_energy_j,
+                predicted_decode_j=pred.uncalibrated_decode_energy_j, measured_prefill_j=pre,
+                measured_decode_j=dec, batch=mean_batch or pred.batch, source=str(source),
+                uncertainty_j=unc, gen_tokens=gen)
+            self._maybe_save_calibration()
         # Pairs learn only from complete NVML measurements of requests that ran to the end.
         if source == "nvml" and pred is not None and completed and gen:
             self._keep_pair(pred, int(gen), {
@@ -657,7 +722,29 @@ class EnergyService:
         }
         self._pairs.write(row)
 
+    def _maybe_save_calibration(self, force: bool = False) -> None:
+        """Persist the calibration at most every _CALIBRATION_SAVE_S, off the caller's thread."""
+        cal = self.calibrator
+        if cal is None or cal.path is None or not cal.dirty:
+            return
+        now = time.monotonic()
+        if not force and now - self._calibration_saved_at < _CALIBRATION_SAVE_S:
+            return
+        self._calibration_saved_at = now
+
+        def save() -> None:
+            try:
+                cal.save()
+            except OSError as e:
+                logger.warning("llmco2: cannot save the calibration to %s (%s)", cal.path, e)
+
+        if force:
+            save()
+        else:
+            threading.Thread(target=save, name="llmco2-calibration-save", daemon=True).start()
+
     def close(self) -> None:
+        self._maybe_save_calibration(force=True)
         self.flush_metrics()  # the last second of predicted energy reaches the counters
         if self._pairs is not None:
             self._pairs.close()

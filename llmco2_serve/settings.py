@@ -20,6 +20,8 @@ variable                                  meaning (default)
 ``LLMCO2_PAIRS_PATH``                     JSONL of (prediction, NVML measurement) pairs for
                                           retraining; empty disables (~/.cache/llmco2/pairs.jsonl)
 ``LLMCO2_MAX_TOKENS_CAP``                 max_tokens above this are predicted at this value (131072)
+``LLMCO2_CALIBRATION``                    learn this deployment's correction from its own NVML
+                                          measurements and apply it to predictions (1)
 ``LLMCO2_OTLP_METRICS_ENDPOINT``          OTLP/HTTP collector base URL for the plugin's metrics when the
                                           host has no meter provider (none: metrics go to the host's)
 ``LLMCO2_CONFIG``                         the config file (none)
@@ -73,6 +75,7 @@ class Settings:
     response_headers: bool = True
     pairs_path: str | None = DEFAULT_PAIRS_PATH
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    calibration: bool = True
     otlp_metrics_endpoint: str | None = None
     config_file: str | None = None
 
@@ -93,7 +96,8 @@ class Settings:
             f"carbon {self.intensity_g_per_kwh:g} gCO2e/kWh, PUE {self.pue:g}, lifetime {self.lifetime_years:g} y; "
             f"fallback GPU {self.gpu_spec_file or self.gpu}; energy reader {self.energy_reader}; "
             f"headers {'on' if self.response_headers else 'off'}; pairs {self.pairs_path or 'off'}; "
-            f"max_tokens cap {self.max_tokens_cap}; fail_open {self.fail_open}; "
+            f"max_tokens cap {self.max_tokens_cap}; calibration {'on' if self.calibration else 'off'}; "
+            f"fail_open {self.fail_open}; "
             f"metrics {self.otlp_metrics_endpoint or 'host meter provider'}"
             + (f"; config {self.config_file}" if self.config_file else "")
         )
@@ -187,6 +191,7 @@ _PARSERS = {
     "response_headers": ("RESPONSE_HEADERS", _bool),
     "pairs_path": ("PAIRS_PATH", _optional_path),
     "max_tokens_cap": ("MAX_TOKENS_CAP", lambda v, r: _int(v, r, 1)),
+    "calibration": ("CALIBRATION", _bool),
     "otlp_metrics_endpoint": ("OTLP_METRICS_ENDPOINT", _optional_url),
 }
 

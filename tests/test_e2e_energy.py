@@ -189,3 +189,36 @@ def test_every_finished_span_says_where_its_measured_value_stands(server, load):
         assert a["llmco2.measured.final"] is True and a["llmco2.measured.source"] == "fake"
         assert a["llmco2.measured.energy_j"] > 0
         assert m["parent_span_id"] == spans[r["trace_id"]]["parent_span_id"]  # same parent as llm_request
+
+
+def test_predictions_calibrate_to_the_deployment_counter(server, load):
+    """Issue 7: the fake counter's power model (CPU time, idle power) is nothing like the GNN's
+    H100 prediction; after the load's final values, later predictions are calibrated towards
+    what this deployment's counter measures."""
+    rx = server["receiver"]
+    ids = []
+    for i in range(10):
+        tp_id = f"{0xCA11B + i:032x}"
+        body = {"model": "tiny-llama", "prompt": "x" * 60, "max_tokens": 24, "temperature": 0.0,
+                "ignore_eos": True}
+        req = urllib.request.Request(server["base"] + "/v1/completions", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json",
+                                                             "traceparent": f"00-{tp_id}-{i + 1:016x}-01"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+            r.read()
+        ids.append(tp_id)
+        time.sleep(0.3)  # sequential, with idle reads in between (final first answers)
+    time.sleep(1.0)
+    spans = {s["trace_id"]: s["attributes"] for s in rx.spans("llm_request")}
+    cal_err, raw_err = [], []
+    for t in ids:
+        a = spans[t]
+        assert a["llmco2.predicted.calibrated"] is True and a["llmco2.calibration.observations"] >= 3
+        m = a["llmco2.measured.energy_j"]
+        cal_err.append(abs(a["llmco2.predicted.energy_j"] / m - 1))
+        raw_err.append(abs(a["llmco2.predicted.uncalibrated_energy_j"] / m - 1))
+    cal_err.sort()
+    raw_err.sort()
+    print(f"calibration e2e: median |pred/measured - 1| calibrated {cal_err[5]:.3f}, uncalibrated {raw_err[5]:.3f}")
+    assert cal_err[5] <= 0.5 * raw_err[5], (cal_err, raw_err)

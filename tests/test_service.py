@@ -571,3 +571,41 @@ def test_without_a_measuring_engine_finished_predictions_are_not_held_for_finals
         a = svc.on_finished(f"r{i}", 10, {"source": "unavailable"} if i % 2 else None)
         assert a["llmco2.measured.source"] == "unavailable" and "llmco2.predicted.energy_j" in a
     assert not svc._awaiting_final and not svc._pending
+
+
+def test_the_deployment_calibration_learns_from_finals_survives_a_restart_and_resets_on_change(predictor, tmp_path):
+    """Issue 7: a deployment whose measured energy is not the GNN's (here 3x its prefill and 0.5x
+    its decode, a ground truth of this test) is corrected after a few final NVML values; the
+    correction is persisted next to the pairs and restored by the next server of the same
+    deployment, and dropped when the deployment changes."""
+    svc = service(predictor, tmp_path)
+    assert svc.calibrator is not None and not svc.calibrator.is_active
+    svc.on_engine_finals(json.dumps({"finals": [], "books": {"engine": 0, "source": "nvml", "devices": []}}))
+    errors = []
+    for i in range(12):
+        p = svc.on_request(f"r{i}", 40, 16, 3)
+        truth_pre, truth_dec = 3.0 * p.uncalibrated_prefill_energy_j, 0.5 * p.uncalibrated_decode_energy_j
+        errors.append(abs(p.energy_j / (truth_pre + truth_dec) - 1))
+        a = svc.on_finished(f"r{i}", 16, {"prefill_energy_j": truth_pre, "decode_energy_j": truth_dec,
+                                          "energy_j": truth_pre + truth_dec, "uncertainty_j": 0.01 * truth_pre,
+                                          "source": "nvml", "final": True})
+        assert a["llmco2.predicted.calibrated"] is p.calibrated
+        svc.on_engine_finals(json.dumps({"finals": [[f"r{i}", truth_pre, truth_dec, 0.01 * truth_pre, 0.0, "nvml",
+                                                     17, 0, False, 4.0, 0, 16]]}))
+    assert svc.calibrator.is_active and svc.calibrator.observations == 12
+    assert errors[0] > 0.3 and max(errors[-3:]) < 0.05  # from the GNN's error to the deployment's
+    assert "calibration" in svc.describe() and "active" in svc.describe()
+    svc.close()
+    files = list(tmp_path.glob("llmco2-calibration-*.json"))
+    assert len(files) == 1
+    again = service(predictor, tmp_path)  # a restart of the same deployment
+    assert again.calibrator.observations == 12 and again.calibrator.is_active
+    p = again.on_request("x", 40, 16, 3)
+    assert p.calibrated and abs(p.energy_j / (3.0 * p.uncalibrated_prefill_energy_j
+                                              + 0.5 * p.uncalibrated_decode_energy_j) - 1) < 0.05
+    other = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), "LLMCO2_GPU": "A100"}),
+                          again.model, gpu_names=[], prediction_table="off")
+    assert other.calibrator.observations == 0  # another GPU: another deployment
+    off = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"),
+                                       "LLMCO2_CALIBRATION": "0"}), again.model, gpu_names=[], prediction_table="off")
+    assert off.calibrator is None and not off.on_request("y", 40, 16, 3).calibrated
