@@ -54,6 +54,13 @@ class KernelNode:
     d_out: int
     parents: tuple[str, ...]
     weight_params: int  # parameters this kernel reads (per layer, all GPUs together)
+    # Layers that have this kernel; 0: every layer. Mixed dense/MoE models (DeepSeek-V3, Llama-4
+    # Maverick) average their two kinds of layer into one graph: a node present in k of L layers has
+    # its costs scaled by k / L (the whole-model totals multiply by L again), its parameters by k.
+    layers: int = 0
+
+    def layer_share(self, num_layers: int) -> float:
+        return self.layers / num_layers if self.layers else 1.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,19 @@ class Parallelism:
 
 
 def weight_params_per_layer(arch: ModelArch) -> int:
+    """Parameters of one layer that has every node (all layers, unless dense and MoE layers mix)."""
     return sum(n.weight_params for n in _layer_nodes(arch, attention="fused", tensor_parallel=1))
+
+
+def weight_params_all_layers(arch: ModelArch) -> int:
+    """Parameters of all decoder layers (each node's per-layer parameters times the layers having it)."""
+    return sum(n.weight_params * (n.layers or arch.num_layers)
+               for n in _layer_nodes(arch, attention="fused", tensor_parallel=1))
+
+
+# Kinds whose parameters are not a d_in x d_out matrix (norm gains, attention sinks).
+_NON_MATRIX_KINDS = ("norm", "qk_norm", "attention", "matmul_qk", "softmax", "matmul_sv", "add", "act",
+                     "expert_act", "all_reduce")
 
 
 def _layer_nodes(arch: ModelArch, *, attention: str, tensor_parallel: int) -> list[KernelNode]:
@@ -83,29 +102,51 @@ def _layer_nodes(arch: ModelArch, *, attention: str, tensor_parallel: int) -> li
     out_bias = arch.attention_bias == "all"
     nodes: list[KernelNode] = []
 
-    def add(name, kind, d_in, d_out, parents, params=None):
+    def add(name, kind, d_in, d_out, parents, params=None, layers=0):
         if params is None:
-            params = d_in * d_out if kind not in ("norm", "qk_norm", "attention", "matmul_qk", "softmax",
-                                                  "matmul_sv", "add", "act", "expert_act", "all_reduce") else 0
-        nodes.append(KernelNode(name, kind, int(d_in), int(d_out), tuple(parents), int(params)))
+            params = d_in * d_out if kind not in _NON_MATRIX_KINDS else 0
+        nodes.append(KernelNode(name, kind, int(d_in), int(d_out), tuple(parents), int(params), int(layers)))
         return name
 
+    if attention not in ("fused", "unfused"):
+        raise ValueError(f"attention must be 'fused' or 'unfused', got {attention!r}")
+    sinks = arch.num_heads if arch.attention_sinks else 0  # gpt-oss: one learned logit per head
     x = add("norm_attn", "norm", h, h, (), norm_params)
-    qn = add("q_proj", "q_proj", h, q, (x,), h * q + (q if qkv_bias else 0))
-    kn = add("k_proj", "k_proj", h, kv, (x,), h * kv + (kv if qkv_bias else 0))
-    vn = add("v_proj", "v_proj", h, kv, (x,), h * kv + (kv if qkv_bias else 0))
+    if arch.is_mla:
+        # DeepSeek MLA: low-rank query (q_a -> RMSNorm -> q_b), one latent per token (kv_a: the
+        # kv_lora_rank latent + the shared rope key, what the KV cache stores), expanded per head by
+        # kv_b into the nope keys and the values. Kinds reuse q_proj/k_proj/v_proj/norm (the GNN's
+        # node vocabulary); _node_cost tells the MLA nodes apart by name.
+        qr, r, rope = arch.mla_q_lora_rank, arch.mla_kv_lora_rank, arch.mla_rope_dim
+        if qr:
+            qa = add("q_a_proj", "q_proj", h, qr, (x,))
+            qa = add("q_a_norm", "norm", qr, qr, (qa,), qr)
+            qn = add("q_b_proj", "q_proj", qr, q, (qa,))
+        else:
+            qn = add("q_proj", "q_proj", h, q, (x,))
+        kva = add("kv_a_proj", "k_proj", h, r + rope, (x,))
+        kvn = add("kv_a_norm", "norm", r, r, (kva,), r)
+        nope = arch.head_dim - rope
+        # Unfused (HF eager) expands every cached latent at every pass; fused (vLLM) expands only the
+        # new tokens (prefill) or absorbs kv_b into the query and output (decode): same FLOPs per token.
+        kn = vn = add("kv_b_proj" if attention == "fused" else "kv_b_proj_ctx", "v_proj", r,
+                      arch.num_heads * (nope + arch.value_head_dim), (kvn,))
+    else:
+        qn = add("q_proj", "q_proj", h, q, (x,), h * q + (q if qkv_bias else 0))
+        kn = add("k_proj", "k_proj", h, kv, (x,), h * kv + (kv if qkv_bias else 0))
+        vn = add("v_proj", "v_proj", h, kv, (x,), h * kv + (kv if qkv_bias else 0))
     if arch.qk_norm:
         qn = add("q_norm", "qk_norm", arch.head_dim, arch.head_dim, (qn,), arch.head_dim)
         kn = add("k_norm", "qk_norm", arch.head_dim, arch.head_dim, (kn,), arch.head_dim)
+    vd = arch.value_head_dim
     if attention == "fused":
-        a = add("attention", "attention", arch.head_dim, arch.head_dim, (qn, kn, vn))
-    elif attention == "unfused":
-        s = add("matmul_qk", "matmul_qk", arch.head_dim, 0, (qn, kn))
-        p = add("softmax", "softmax", 0, 0, (s,))
-        a = add("matmul_sv", "matmul_sv", 0, arch.head_dim, (p, vn))
+        a = add("attention", "attention", arch.head_dim, vd, (qn, kn, vn) if kn != vn else (qn, kn), sinks)
     else:
-        raise ValueError(f"attention must be 'fused' or 'unfused', got {attention!r}")
-    o = add("o_proj", "o_proj", q, h, (a,), q * h + (h if out_bias else 0))
+        s = add("matmul_qk", "matmul_qk", arch.head_dim, 0, (qn, kn))
+        p = add("softmax", "softmax", 0, 0, (s,), sinks)
+        a = add("matmul_sv", "matmul_sv", 0, vd, (p, vn))
+    q_out = arch.num_heads * vd
+    o = add("o_proj", "o_proj", q_out, h, (a,), q_out * h + (h if out_bias else 0))
     if tensor_parallel > 1:
         o = add("all_reduce_attn", "all_reduce", h, h, (o,))
     if arch.norms_per_layer == 4:
@@ -120,19 +161,28 @@ def _layer_nodes(arch: ModelArch, *, attention: str, tensor_parallel: int) -> li
     outs: list[str] = []
     if arch.is_moe:
         e, mf = arch.moe_num_experts, arch.moe_intermediate_size
-        rt = add("router", "router", h, e, (m,), h * e)
-        g = add("expert_gate_proj", "expert_gate_proj", h, mf, (m, rt), e * h * mf)
-        u = add("expert_up_proj", "expert_up_proj", h, mf, (m, rt), e * h * mf)
-        ac = add("expert_act", "expert_act", mf, mf, (g, u))
-        outs.append(add("expert_down_proj", "expert_down_proj", mf, h, (ac,), e * mf * h))
+        ml = arch.moe_layers if arch.moe_dense_layers else 0  # 0: every layer
+        xb_in, xb_out = (mf, h) if arch.moe_expert_bias else (0, 0)  # gpt-oss expert biases
+        rt = add("router", "router", h, e, (m,), h * e + (e if arch.moe_router_bias else 0), ml)
+        g = add("expert_gate_proj", "expert_gate_proj", h, mf, (m, rt), e * (h * mf + xb_in), ml)
+        u = add("expert_up_proj", "expert_up_proj", h, mf, (m, rt), e * (h * mf + xb_in), ml)
+        ac = add("expert_act", "expert_act", mf, mf, (g, u), None, ml)
+        outs.append(add("expert_down_proj", "expert_down_proj", mf, h, (ac,), e * (mf * h + xb_out), ml))
         sf = arch.moe_shared_intermediate_size
         if sf:
-            sg = add("shared_gate_proj", "gate_proj", h, sf, (m,))
-            su = add("shared_up_proj", "up_proj", h, sf, (m,))
-            sa = add("shared_act", "act", sf, sf, (sg, su))
-            sd = add("shared_down_proj", "down_proj", sf, h, (sa,))
-            outs.append(add("shared_expert_gate", "router", h, 1, (m,), h))
+            sg = add("shared_gate_proj", "gate_proj", h, sf, (m,), None, ml)
+            su = add("shared_up_proj", "up_proj", h, sf, (m,), None, ml)
+            sa = add("shared_act", "act", sf, sf, (sg, su), None, ml)
+            sd = add("shared_down_proj", "down_proj", sf, h, (sa,), None, ml)
+            if arch.moe_shared_gate:
+                outs.append(add("shared_expert_gate", "router", h, 1, (m,), h, ml))
             outs.append(sd)
+        if arch.moe_dense_layers:
+            dl = arch.moe_dense_layers
+            g = add("gate_proj", "gate_proj", h, ff, (m,), None, dl)
+            u = add("up_proj", "up_proj", h, ff, (m,), None, dl)
+            ac = add("act_mlp", "act", ff, ff, (g, u), None, dl)
+            outs.append(add("down_proj", "down_proj", ff, h, (ac,), None, dl))
     elif arch.gated_mlp:
         b = ff if arch.mlp_bias else 0
         g = add("gate_proj", "gate_proj", h, ff, (m,), h * ff + b)
@@ -163,36 +213,50 @@ def _node_cost(node: KernelNode, arch: ModelArch, prec: Precision, tp: int, seg:
     k = node.kind
     zero = 0.0 * bt
     if k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router"):
-        store = Dkv if k in ("k_proj", "v_proj") else Da
-        ops = K.linear_ops(1, bt, node.d_in, node.d_out, tp)
-        mem = K.linear_memory_bytes(1, bt, passes, node.d_in, node.d_out, Dw, Da, store, tp)
+        Dw = prec.linear_weight_bytes(k)
+        # K/V projections write the KV cache; MLA's kv_a writes the latent cache, its kv_b expands
+        # keys and values into activations (over every cached row per pass under HF eager).
+        store = Dkv if k in ("k_proj", "v_proj") and not node.name.startswith("kv_b_proj") else Da
+        rows = bkv if node.name == "kv_b_proj_ctx" else bt
+        ops = K.linear_ops(1, rows, node.d_in, node.d_out, tp)
+        mem = K.linear_memory_bytes(1, rows, passes, node.d_in, node.d_out, Dw, Da, store, tp)
         bias = node.weight_params - node.d_in * node.d_out
         mem = mem + bias * Dw * passes / tp
         return ops, mem, zero
     if k in ("expert_gate_proj", "expert_up_proj", "expert_down_proj"):
+        Dw = prec.linear_weight_bytes(k)
         topk = arch.moe_experts_per_token
         ops = K.linear_ops(1, bt * topk, node.d_in, node.d_out, tp)
+        bias_per_expert = node.weight_params / arch.moe_num_experts - node.d_in * node.d_out
         mem = (K.linear_weight_load_bytes(node.d_in, node.d_out, Dw, xpasses, tp)
+               + bias_per_expert * Da * xpasses / tp  # gpt-oss expert biases stay in bf16
                + K.linear_activation_load_bytes(1, bt * topk, node.d_in, Da, tp)
                + K.linear_output_store_bytes(1, bt * topk, node.d_out, Da, tp))
         return ops, mem, zero
+    qd, vd, heads = arch.head_dim, arch.value_head_dim, arch.num_heads
+    sinks = node.weight_params * Da * passes / tp  # attention sinks: one bf16 value per head, read each pass
     if k == "attention":
-        ops = K.fused_attention_ops(1, bpairs, arch.head_dim, arch.num_heads, tp)
-        mem = (K.fused_attention_q_load_bytes(1, bt, arch.head_dim, arch.num_heads, Da, tp)
-               + K.fused_attention_out_store_bytes(1, bt, arch.head_dim, arch.num_heads, Da, tp)
-               + K.fused_attention_kv_load_bytes(1, bkv, arch.head_dim, arch.num_kv_heads, Dkv, 1, tp))
+        ops = (K.attention_matmul_ops(1, bpairs, qd, heads, tp) + K.attention_matmul_ops(1, bpairs, vd, heads, tp)
+               + K.softmax_ops(1, bpairs, heads, tp))
+        if arch.is_mla:
+            kv = K.mla_latent_kv_load_bytes(1, bkv, arch.kv_cache_elements_per_token, Dkv, 1)
+        else:
+            kv = K.fused_attention_kv_load_bytes(1, bkv, qd, arch.num_kv_heads, Dkv, 1, tp)
+        mem = (K.fused_attention_q_load_bytes(1, bt, qd, heads, Da, tp)
+               + K.fused_attention_out_store_bytes(1, bt, vd, heads, Da, tp) + kv + sinks)
         return ops, mem, zero
     if k in ("matmul_qk", "matmul_sv"):
-        ops = K.attention_matmul_ops(1, bpairs, arch.head_dim, arch.num_heads, tp)
+        d = qd if k == "matmul_qk" else vd
+        ops = K.attention_matmul_ops(1, bpairs, d, heads, tp)
         fn = K.matmul_qk_memory_bytes if k == "matmul_qk" else K.matmul_sv_memory_bytes
-        mem = fn(1, bt, bpairs, bkv, arch.head_dim, arch.num_heads, arch.num_kv_heads, Da, Dkv, tp)
+        mem = fn(1, bt, bpairs, bkv, d, heads, arch.num_kv_heads, Da, Dkv, tp)
         return ops, mem, zero
     if k == "softmax":
-        return (K.softmax_ops(1, bpairs, arch.num_heads, tp),
-                K.softmax_memory_bytes(1, bpairs, arch.num_heads, Da, tp), zero)
+        return (K.softmax_ops(1, bpairs, heads, tp),
+                K.softmax_memory_bytes(1, bpairs, heads, Da, tp) + sinks, zero)
     if k == "norm":
-        return (K.norm_ops(1, bt, h, tp),
-                K.norm_memory_bytes(1, bt, h, Da, Dw, node.weight_params, passes, tp), zero)
+        return (K.norm_ops(1, bt, node.d_in, tp),
+                K.norm_memory_bytes(1, bt, node.d_in, Da, Dw, node.weight_params, passes, tp), zero)
     if k == "qk_norm":
         heads = arch.num_heads if node.name == "q_norm" else arch.num_kv_heads
         width = heads * arch.head_dim
@@ -210,18 +274,20 @@ def _node_cost(node: KernelNode, arch: ModelArch, prec: Precision, tp: int, seg:
     raise AssertionError(f"no cost model for kernel kind {k!r}")
 
 
-def _flash_kv_rows(context_before, tokens, window=None, window_fraction=0.0):
+def _flash_kv_rows(context_before, tokens, window=None, window_fraction=0.0, chunk=None, chunk_fraction=0.0):
     """Cached rows a causal flash prefill pass reads: each tile of FLASH_QUERY_TILE queries reads the
-    keys up to its last query (within the window, if any), once."""
+    keys up to its last query (within the window or its chunk, if any), once."""
     q = float(FLASH_QUERY_TILE)
     c = np.asarray(context_before, np.float64)
     t = np.asarray(tokens, np.float64)
     n = np.ceil(t / q)
     full = (n - 1) * c + q * (n - 1) * n / 2 + (c + t)  # sum over tiles of the last key each tile sees
-    if window is None:
-        return full
-    windowed = np.minimum(full, n * (float(window) + q))
-    return (1 - window_fraction) * full + window_fraction * windowed
+    rows = full
+    if window is not None:
+        rows = (1 - window_fraction) * rows + window_fraction * np.minimum(full, n * (float(window) + q))
+    if chunk is not None:  # a tile reads at most its chunk (plus the tile when it straddles two)
+        rows = (1 - chunk_fraction) * rows + chunk_fraction * np.minimum(full, n * (float(chunk) + q))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -310,12 +376,13 @@ class LayerTemplate:
     def _segment_vars(self, seg: Segment) -> np.ndarray:
         """(R, 5) matrix of the segment quantities."""
         arch = self.arch
-        pairs_full = K.attention_pairs(seg.context_before, seg.tokens)
+        pairs = K.attention_pairs(seg.context_before, seg.tokens)
         if arch.sliding_window:
             f = arch.sliding_window_layer_fraction
-            pairs = (1 - f) * pairs_full + f * K.attention_pairs(seg.context_before, seg.tokens, arch.sliding_window)
-        else:
-            pairs = pairs_full
+            pairs = (1 - f) * pairs + f * K.attention_pairs(seg.context_before, seg.tokens, arch.sliding_window)
+        if arch.attention_chunk:
+            f = arch.attention_chunk_layer_fraction
+            pairs = (1 - f) * pairs + f * K.attention_pairs(seg.context_before, seg.tokens, chunk=arch.attention_chunk)
         tokens_per_pass = np.where(seg.passes > 0, seg.tokens / np.maximum(seg.passes, 1.0), 0.0)
         multi_query = tokens_per_pass > 1  # a prefill (chunk); decode passes have one query each
         if self.attention == "unfused":
@@ -325,7 +392,8 @@ class LayerTemplate:
             kv_rows = np.where(multi_query, seg.context_before + seg.tokens, pairs)
         else:
             kv_rows = np.where(multi_query, _flash_kv_rows(seg.context_before, seg.tokens, arch.sliding_window,
-                                                           arch.sliding_window_layer_fraction), pairs)
+                                                           arch.sliding_window_layer_fraction, arch.attention_chunk,
+                                                           arch.attention_chunk_layer_fraction), pairs)
         if arch.is_moe:
             routed = seg.batch * tokens_per_pass
             xpasses = seg.passes * K.expected_unique_experts(arch.moe_num_experts, arch.moe_experts_per_token, routed)
@@ -382,9 +450,15 @@ class LayerTemplate:
         the LM head, norms and biases stay in the activation dtype.
         """
         a, p = self.arch, self.precision
-        linear = a.num_layers * sum(n.d_in * n.d_out * (a.moe_num_experts if n.kind.startswith("expert_") else 1)
-                                    for n in self.nodes if n.weight_params and n.kind not in ("norm", "qk_norm"))
-        return linear * p.weight_bytes + (a.param_count() - linear) * p.activation_bytes
+        linear = quantized = 0.0
+        for n in self.nodes:
+            if not n.weight_params or n.kind in _NON_MATRIX_KINDS:
+                continue
+            params = n.d_in * n.d_out * (a.moe_num_experts if n.kind.startswith("expert_") else 1) * (
+                n.layers or a.num_layers)
+            linear += params
+            quantized += params * p.linear_weight_bytes(n.kind)
+        return quantized + (a.param_count() - linear) * p.activation_bytes
 
 
 @functools.lru_cache(maxsize=256)
@@ -402,7 +476,7 @@ def _build_template_cached(arch: ModelArch, precision: Precision, parallelism: P
     for j, var in enumerate(SEGMENT_VARS):
         unit = {v: (1.0 if v == var else 0.0) for v in SEGMENT_VARS}
         for i, n in enumerate(nodes):
-            coef[:, j, i] = _node_cost(n, arch, precision, tp, unit)
+            coef[:, j, i] = np.asarray(_node_cost(n, arch, precision, tp, unit)) * n.layer_share(arch.num_layers)
     return LayerTemplate(
         arch=arch, precision=precision, parallelism=parallelism, attention=attention, nodes=tuple(nodes),
         edge_index=edge_index, kind_onehot=onehot,
@@ -432,7 +506,8 @@ def direct_node_costs(template: LayerTemplate, seg: Segment) -> tuple[np.ndarray
     """Evaluate every node's equations directly (no coefficients); used by tests to check ``costs``."""
     v = np.atleast_2d(template._segment_vars(seg))
     cols = [np.stack(_node_cost(n, template.arch, template.precision, template.parallelism.tensor_parallel,
-                                dict(zip(SEGMENT_VARS, v.T)))) for n in template.nodes]
+                                dict(zip(SEGMENT_VARS, v.T)))) * n.layer_share(template.arch.num_layers)
+            for n in template.nodes]
     arr = np.stack(cols, axis=-1)  # (3, R, n)
     return arr[0], arr[1], arr[2]
 

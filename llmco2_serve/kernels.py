@@ -34,14 +34,28 @@ def causal_pairs_upto(n, window=None):
     return np.where(n <= w, n * (n + 1) / 2, w * (w + 1) / 2 + (n - w) * w)
 
 
-def attention_pairs(context_before, new_tokens, window=None):
+def chunked_pairs_upto(n, chunk):
+    """Keys seen by the first n causal queries under chunked attention (Llama 4): the query at
+    1-based position p attends to the keys of its own chunk up to itself, ((p - 1) mod C) + 1 of them,
+    so n = qC + r positions see q C(C+1)/2 + r(r+1)/2 keys."""
+    n = np.asarray(n, dtype=np.float64)
+    c = float(chunk)
+    q = np.floor(n / c)
+    r = n - q * c
+    return q * c * (c + 1) / 2 + r * (r + 1) / 2
+
+
+def attention_pairs(context_before, new_tokens, window=None, chunk=None):
     """Causal (query, key) pairs for ``new_tokens`` queries after ``context_before`` cached tokens.
 
     Prefill (context 0, L tokens) gives L(L+1)/2; the N_gT - 1 decode steps after a prompt of L give
     sum_{i=1}^{N-1} (L + i) = (N-1)(2L+N)/2, the exact form of the paper's (2L + N_gT) N_gT / 2
-    (Eq. 21-24, 30), which counts N_gT steps where N_gT - 1 run (D7).
+    (Eq. 21-24, 30), which counts N_gT steps where N_gT - 1 run (D7). ``window`` caps each query's
+    keys at the last W; ``chunk`` restricts them to the query's own chunk of C positions.
     """
     c = np.asarray(context_before, dtype=np.float64)
+    if chunk is not None:
+        return chunked_pairs_upto(c + new_tokens, chunk) - chunked_pairs_upto(c, chunk)
     return causal_pairs_upto(c + new_tokens, window) - causal_pairs_upto(c, window)
 
 
@@ -127,6 +141,15 @@ def fused_attention_kv_load_bytes(batch, pairs, head_dim, num_kv_heads, kv_bytes
     s_block factor is replaced by this re-read factor (D4).
     """
     return 2.0 * batch * head_dim * num_kv_heads * kv_bytes * pairs / query_tile / n_gpu
+
+
+def mla_latent_kv_load_bytes(batch, kv_rows, latent_dim, kv_bytes, query_tile):
+    """Multi-head latent attention (DeepSeek-V2/V3, D13): each cached token is one latent vector of
+    ``latent_dim`` = kv_lora_rank + rope dims, shared by all heads as both key and value, so a query
+    tile reads it once: |B| latent D_KV rows / query_tile. Not divided by N_GPU: under tensor
+    parallelism every GPU holds and reads the whole latent (its heads all need it), as vLLM does.
+    """
+    return batch * latent_dim * kv_bytes * kv_rows / query_tile
 
 
 def fused_attention_memory_bytes(batch, tokens, pairs, head_dim, num_heads, num_kv_heads, act_bytes, kv_bytes,

@@ -3,6 +3,9 @@
 The kernel equations need three byte sizes (paper: D_W, D_A, D_KV) and the dtype whose peak
 throughput bounds the matmuls (Roofline, Eq. 8). Weight-only quantization (int8/int4, AWQ, GPTQ)
 stores small weights but computes in the activation dtype; fp8 (W8A8) computes in fp8.
+MXFP4 (gpt-oss) stores 4-bit E2M1 values with one 8-bit E8M0 scale per 32-value block, 4.25 bits
+per weight, and only in the MoE experts: vLLM's mxfp4 method quantizes FusedMoE layers and leaves
+attention, router, embeddings and LM head in the checkpoint dtype (``quantized_scope="experts"``).
 """
 
 from __future__ import annotations
@@ -10,15 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp8", "int8", "int4")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp8", "int8", "int4", "mxfp4")
 
-_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+# MXFP4 (OCP Microscaling spec v1.0): 32 E2M1 elements (4 bits) share one E8M0 scale (8 bits).
+MXFP4_BLOCK = 32
+_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5,
+          "mxfp4": (4 * MXFP4_BLOCK + 8) / MXFP4_BLOCK / 8}
+# Dtypes whose checkpoints quantize only the MoE experts' weights.
+_EXPERTS_ONLY = {"mxfp4"}
 _ALIASES = {
     "fp32": "float32", "float": "float32", "torch.float32": "float32",
     "fp16": "float16", "half": "float16", "torch.float16": "float16",
     "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
     "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "float8": "fp8", "float8_e4m3fn": "fp8",
     "w8a16": "int8", "w4a16": "int4", "awq": "int4", "gptq": "int4",
+    "mx_fp4": "mxfp4", "mxfp4_e2m1": "mxfp4",
 }
 
 
@@ -42,10 +51,23 @@ class Precision:
     activation_dtype: str
     kv_dtype: str
     compute_dtype: str
+    # Which linear weights ``weight_dtype`` applies to: "all" decoder linear layers, or only the
+    # MoE "experts" (the others stay in the activation dtype).
+    quantized_scope: str = "all"
+
+    def __post_init__(self):
+        if self.quantized_scope not in ("all", "experts"):
+            raise PrecisionError(f"quantized_scope must be 'all' or 'experts', got {self.quantized_scope!r}")
 
     @property
     def weight_bytes(self) -> float:
         return _BYTES[self.weight_dtype]
+
+    def linear_weight_bytes(self, kind: str) -> float:
+        """D_W of one linear kernel kind of the graph (``expert_*`` kinds are the MoE experts)."""
+        if self.quantized_scope == "experts" and not kind.startswith("expert_"):
+            return self.activation_bytes
+        return self.weight_bytes
 
     @property
     def activation_bytes(self) -> float:
@@ -59,7 +81,8 @@ class Precision:
     def label(self) -> str:
         if self.weight_dtype == self.activation_dtype:
             return self.weight_dtype
-        return f"w:{self.weight_dtype}/a:{self.activation_dtype}"
+        scope = "" if self.quantized_scope == "all" else f"({self.quantized_scope})"
+        return f"w:{self.weight_dtype}{scope}/a:{self.activation_dtype}"
 
     @classmethod
     def from_name(cls, dtype: str, *, kv_cache_dtype: str | None = None, base_dtype: str = "bfloat16") -> "Precision":
@@ -73,9 +96,10 @@ class Precision:
         elif d == "fp8":
             weight, act, compute = "fp8", base, "fp8"  # W8A8 fp8: fp8 matmuls, bf16 between kernels
         else:
-            weight, act, compute = d, base, base  # weight-only: dequantised on the fly
+            # weight-only: dequantised on the fly (MXFP4 too: vLLM's Hopper kernels compute in bf16)
+            weight, act, compute = d, base, base
         kv = act if kv_cache_dtype in (None, "auto") else normalize_dtype(kv_cache_dtype)
-        return cls(weight, act, kv, compute)
+        return cls(weight, act, kv, compute, "experts" if d in _EXPERTS_ONLY else "all")
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], *, override: str | None = None,
@@ -99,6 +123,8 @@ class Precision:
 def quantization_dtype(quant: Mapping[str, Any]) -> str:
     """Map an HF ``quantization_config`` (or vLLM's quantization name) to our dtype names."""
     method = str(quant.get("quant_method", "")).lower()
+    if method == "mxfp4":  # gpt-oss checkpoints
+        return "mxfp4"
     bits = quant.get("bits") or quant.get("w_bit") or quant.get("weight_bits")
     if method == "bitsandbytes":
         if quant.get("load_in_8bit"):

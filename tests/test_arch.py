@@ -552,3 +552,198 @@ def test_new_families_predict(name):
     p = Predictor.from_config(dict(CONFIGS[name][0], torch_dtype="float16"), gpu="H100")
     r = p.predict(prompt_len=128, gen_tokens=32)
     assert 0 < r.prefill_energy_j < r.energy_j and r.decode_energy_j > 0
+
+
+# --- families of the vLLM benchmark data (issue 7) -------------------------------------------
+# Key fields of the published config.json files (multimodal ones as shipped: the decoder nested in
+# text_config, vision tower not priced). Counts: the HF model built from the same config on the
+# meta device (text part only), checked there (test below), and the models' published totals:
+# gpt-oss-20b 20.91B / gpt-oss-120b 116.83B (gpt-oss model card), DeepSeek-V3 671B (without the
+# 14B MTP module, which HF does not build), Llama-4-Maverick 400B and Scout 109B (with vision; the
+# text part is 107.8B), gemma-3-1b 1B (text only).
+MOE_ERA_CONFIGS: dict[str, tuple[dict, int, float]] = {
+    "gemma-3-1b": ({
+        "model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
+        "sliding_window": 512, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "torch_dtype": "bfloat16",
+    }, 999_885_952, 1.0),
+    "gemma-3-4b": ({
+        "model_type": "gemma3", "torch_dtype": "bfloat16", "text_config": {
+            "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "sliding_window": 1024,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+    }, 3_880_263_168, 3.9),
+    "gemma-3-27b": ({
+        "model_type": "gemma3", "torch_dtype": "bfloat16", "text_config": {
+            "model_type": "gemma3_text", "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
+            "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168,
+            "sliding_window": 1024},
+    }, 27_009_346_304, 27.0),
+    "gpt-oss-20b": ({
+        "model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
+        "num_experts_per_tok": 4, "experts_per_token": 4, "vocab_size": 201088, "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "attention_bias": True,
+        "tie_word_embeddings": False, "hidden_act": "silu", "swiglu_limit": 7.0, "torch_dtype": "bfloat16",
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+    }, 20_914_757_184, 20.9),
+    "gpt-oss-120b": ({
+        "model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 128,
+        "num_experts_per_tok": 4, "experts_per_token": 4, "vocab_size": 201088, "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 18, "attention_bias": True,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "mxfp4"},
+    }, 116_829_156_672, 116.8),
+    "Llama-4-Scout-17B-16E": ({
+        "model_type": "llama4", "torch_dtype": "bfloat16", "text_config": {
+            "model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 16, "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 1, "vocab_size": 202048, "attention_chunk_size": 8192,
+            "use_qk_norm": True, "no_rope_layers": [], "tie_word_embeddings": False},
+    }, 107_769_861_120, 107.8),
+    "Llama-4-Maverick-17B-128E": ({
+        "model_type": "llama4", "torch_dtype": "bfloat16", "text_config": {
+            "model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 128, "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 2, "vocab_size": 202048, "attention_chunk_size": 8192,
+            "use_qk_norm": False, "no_rope_layers": [], "tie_word_embeddings": False},
+    }, 400_711_848_960, 400.7),
+    "DeepSeek-V3": ({
+        "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+        "n_routed_experts": 256, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "head_dim": 64, "vocab_size": 129280, "tie_word_embeddings": False, "n_group": 8,
+        "topk_group": 4, "norm_topk_prob": True, "num_nextn_predict_layers": 1, "torch_dtype": "bfloat16",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+    }, 671_026_404_352, 671.0),
+}
+
+
+def _moe_era(name: str, **changes) -> ModelArch:
+    cfg = json.loads(json.dumps(MOE_ERA_CONFIGS[name][0]))
+    (cfg.get("text_config") or cfg).update(changes)
+    return ModelArch.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(MOE_ERA_CONFIGS))
+def test_moe_era_param_counts_match_published(name):
+    cfg, count, published_billions = MOE_ERA_CONFIGS[name]
+    arch = ModelArch.from_hf_config(cfg)
+    assert arch.known_family
+    assert arch.param_count() == count
+    assert round(count / 1e9, 1) == published_billions
+
+
+@pytest.mark.parametrize("name", sorted(MOE_ERA_CONFIGS))
+def test_moe_era_param_counts_match_hf_on_meta(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = MOE_ERA_CONFIGS[name][0]
+    text = dict(cfg.get("text_config") or cfg)
+    text.pop("quantization_config", None)
+    hf_cfg = transformers.AutoConfig.for_model(text.pop("model_type"), **text)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert ModelArch.from_hf_config(cfg).param_count() == model.num_parameters()
+
+
+def test_gemma3_family_defaults_are_transformers_defaults():
+    """gemma-3-4b/12b/27b ship text_configs without vocab_size etc.; the defaults we fill must be
+    Gemma3TextConfig's own."""
+    transformers = pytest.importorskip("transformers")
+    from llmco2_serve.arch import _FAMILY_DEFAULTS
+
+    hf = transformers.Gemma3TextConfig()
+    expected = {k: getattr(hf, k) for k in ("vocab_size", "head_dim", "num_key_value_heads", "sliding_window")}
+    assert {k: v for k, v in _FAMILY_DEFAULTS["gemma3_text"].items() if k in expected} == expected
+    # Gemma3TextConfig's default layer_types: every 6th layer global
+    pattern = _FAMILY_DEFAULTS["gemma3_text"]["sliding_window_pattern"]
+    assert [t == "full_attention" for t in hf.layer_types] == [
+        (i + 1) % pattern == 0 for i in range(hf.num_hidden_layers)]
+
+
+def test_gemma3_fields():
+    a = _moe_era("gemma-3-27b")
+    assert a.model_type == "gemma3_text" and a.qk_norm and a.norms_per_layer == 4 and a.tie_word_embeddings
+    assert a.sliding_window == 1024
+    assert a.sliding_window_layer_fraction == pytest.approx(52 / 62)  # 10 of 62 layers are global
+    b = _moe_era("gemma-3-1b")
+    assert b.sliding_window_layer_fraction == pytest.approx(22 / 26)
+
+
+def test_gpt_oss_fields():
+    a = _moe_era("gpt-oss-20b")
+    assert (a.moe_num_experts, a.moe_experts_per_token, a.moe_intermediate_size) == (32, 4, 2880)
+    assert a.attention_sinks and a.moe_router_bias and a.moe_expert_bias and a.attention_bias == "all"
+    assert a.sliding_window == 128 and a.sliding_window_layer_fraction == 0.5
+    assert not a.moe_shared_intermediate_size and not a.moe_dense_layers
+
+
+def test_llama4_fields():
+    scout, mav = _moe_era("Llama-4-Scout-17B-16E"), _moe_era("Llama-4-Maverick-17B-128E")
+    assert scout.model_type == "llama4_text"
+    assert (scout.moe_num_experts, scout.moe_experts_per_token, scout.moe_dense_layers) == (16, 1, 0)
+    assert (mav.moe_num_experts, mav.moe_dense_layers, mav.moe_layers) == (128, 24, 24)
+    assert mav.intermediate_size == 16384 and mav.moe_intermediate_size == mav.moe_shared_intermediate_size == 8192
+    assert not mav.moe_shared_gate
+    # every 4th layer is NoPE and attends to the whole context; the others to their 8192-token chunk
+    assert scout.attention_chunk == 8192 and scout.attention_chunk_layer_fraction == 0.75
+    assert scout.sliding_window is None
+
+
+def test_llama4_moe_layers_list_wins_over_interleave():
+    a = _moe_era("Llama-4-Maverick-17B-128E", moe_layers=[1, 3, 5])
+    assert a.moe_dense_layers == 45
+    with pytest.raises(ArchitectureError, match="moe_layers"):
+        _moe_era("Llama-4-Maverick-17B-128E", moe_layers=[48])
+
+
+def test_deepseek_v3_fields():
+    a = _moe_era("DeepSeek-V3")
+    assert a.is_mla and (a.mla_q_lora_rank, a.mla_kv_lora_rank, a.mla_rope_dim) == (1536, 512, 64)
+    assert a.head_dim == 192 and a.value_head_dim == 128  # not the config's head_dim (64, the rope part)
+    # the KV cache holds the latent and the shared rope key: 576 elements, not 2 x 128 heads x 192
+    assert a.kv_cache_elements_per_token == 576
+    assert (a.moe_num_experts, a.moe_experts_per_token, a.moe_dense_layers) == (256, 8, 3)
+    assert a.moe_shared_intermediate_size == 2048 and not a.moe_shared_gate
+
+
+def test_deepseek_moe_every_kth_layer_is_refused_by_field():
+    with pytest.raises(ArchitectureError, match="moe_layer_freq"):
+        _moe_era("DeepSeek-V3", moe_layer_freq=2)
+
+
+@pytest.mark.parametrize("cfg,field", [
+    ({"model_type": "nemotron_h", "hidden_size": 4096, "num_hidden_layers": 52, "num_attention_heads": 32,
+      "vocab_size": 131072, "hybrid_override_pattern": "M-M-M-MM*-"}, "hybrid_override_pattern"),
+    ({"model_type": "nemotron_h", "hidden_size": 4096, "num_hidden_layers": 52, "num_attention_heads": 32,
+      "vocab_size": 131072}, None),
+    # an unknown model_type with Mamba fields is not guessed to be a standard decoder
+    ({"model_type": "some_hybrid", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+      "num_attention_heads": 8, "vocab_size": 1000, "mamba_num_heads": 16}, "mamba_num_heads"),
+])
+def test_hybrid_mamba_models_are_refused_naming_the_reason(cfg, field):
+    with pytest.raises(ArchitectureError, match="hybrid state-space") as e:
+        ModelArch.from_hf_config(cfg)
+    assert cfg["model_type"] in str(e.value)
+    if field:
+        assert field in str(e.value)
+
+
+def test_multimodal_wrapper_is_unwrapped_with_its_precision(tmp_path):
+    from llmco2_serve.precision import Precision
+
+    cfg = json.loads(json.dumps(MOE_ERA_CONFIGS["gemma-3-4b"][0]))
+    del cfg["text_config"]["model_type"]  # some wrappers leave it out: the outer type names it
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for source in (cfg, tmp_path):
+        assert ModelArch.from_hf_config(source).model_type == "gemma3_text"
+    text = load_hf_config(tmp_path)
+    assert text["model_type"] == "gemma3_text" and text["torch_dtype"] == "bfloat16"
+    assert Precision.from_hf_config(text).weight_dtype == "bfloat16"

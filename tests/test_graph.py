@@ -457,3 +457,109 @@ def test_fused_prefill_reads_each_cached_row_once_per_tile():
     got = tpl.costs(Segment.prefill(1, 7)).memory_bytes[0, i]
     q_and_out = 2 * 7 * arch.q_size * 2
     assert got == q_and_out + 2 * 7 * arch.kv_size * 2
+
+
+# --------------------------------------------------------------------------------------------
+# Families of the vLLM benchmark data (issue 7): chunked attention, MLA, mixed dense/MoE layers
+# --------------------------------------------------------------------------------------------
+
+_BASE = {"vocab_size": 512, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
+NEW_FAMILIES = {
+    "gemma3_text": {"model_type": "gemma3_text", **_BASE, "intermediate_size": 256, "num_hidden_layers": 6,
+                    "sliding_window": 64},
+    "gpt_oss": {"model_type": "gpt_oss", **_BASE, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 64},
+    "llama4_text": {"model_type": "llama4_text", **_BASE, "intermediate_size": 64, "intermediate_size_mlp": 256,
+                    "num_hidden_layers": 4, "num_local_experts": 8, "num_experts_per_tok": 1,
+                    "interleave_moe_layer_step": 2, "attention_chunk_size": 96},
+    "deepseek_v3": {"model_type": "deepseek_v3", **_BASE, "num_key_value_heads": 4, "intermediate_size": 256,
+                    "moe_intermediate_size": 64, "num_hidden_layers": 3, "n_routed_experts": 8,
+                    "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 64,
+                    "head_dim": 16, "n_group": 1, "topk_group": 1, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32},
+}
+
+
+def _new(name, **changes) -> ModelArch:
+    return ModelArch.from_hf_config(dict(NEW_FAMILIES[name], **changes))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_pairs_equal_enumeration(chunk):
+    """Llama 4's chunk mask: query p (0-based) sees keys k <= p with k // C == p // C."""
+    for context in (0, 3, 16, 37):
+        for new in (1, 7, 40):
+            brute = sum(1 for p in range(context, context + new) for k in range(p + 1) if k // chunk == p // chunk)
+            assert K.attention_pairs(context, new, chunk=chunk) == brute
+
+
+@pytest.mark.parametrize("attention", ["fused", "unfused"])
+@pytest.mark.parametrize("name", sorted(NEW_FAMILIES))
+def test_new_family_coefficients_equal_direct_costs(name, attention):
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{attention}".encode()))
+    for tp in (1, 2):
+        tpl = _tpl(_new(name), tp=tp, attention=attention, prec=Precision.from_name("fp8"))
+        seg = _random_segments(rng)
+        c = tpl.costs(seg)
+        ops, mem, net = direct_node_costs(tpl, seg)
+        np.testing.assert_allclose(c.ops, ops, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(c.memory_bytes, mem, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(c.network_bytes, net, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(NEW_FAMILIES))
+@pytest.mark.parametrize("dtype,size", [("float32", 4), ("bfloat16", 2)])
+def test_new_family_weight_bytes_is_param_count_times_dtype_size(name, dtype, size):
+    arch = _new(name)
+    assert _tpl(arch, prec=Precision.from_name(dtype)).weight_bytes() == arch.param_count() * size
+
+
+def test_chunked_decode_step_sees_only_its_chunk():
+    arch = _new("llama4_text")  # chunk 96 on 3 of 4 layers (layer 4 is NoPE: full attention)
+    tpl = _tpl(arch, attention="unfused")
+    i = _node_index(tpl)["matmul_qk"]
+    for context, own_chunk in ((10, 11), (95, 96), (96, 1), (200, 9)):
+        keys = 0.75 * own_chunk + 0.25 * (context + 1)
+        assert tpl.costs(Segment.chunk(1, 1, context)).ops[0, i] == pytest.approx(2 * 32 * 4 * keys)
+
+
+def test_mixed_dense_and_moe_layers_cost_what_their_layers_cost_apart():
+    """1 dense + 2 MoE layers (DeepSeek's first_k_dense_replace) cost what a 1-layer dense model and
+    a 2-layer MoE model of the same sizes cost together (each of those counts the LM head once)."""
+    mixed = _new("deepseek_v3")
+    dense = _new("deepseek_v3", num_hidden_layers=1, first_k_dense_replace=1)
+    moe = _new("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=0)
+    assert not dense.is_moe and moe.moe_dense_layers == 0 and mixed.moe_dense_layers == 1
+    assert mixed.param_count() + mixed.vocab_size * 128 * 2 + 128 == dense.param_count() + moe.param_count()
+    pre, dec = Segment.prefill(3, 50), Segment.decode(3, 50, 20)
+    for attention in ("fused", "unfused"):
+        t_mixed, t_dense, t_moe = (_tpl(a, attention=attention) for a in (mixed, dense, moe))
+        tm, td, te = (t.totals(pre, dec) for t in (t_mixed, t_dense, t_moe))
+        for phase, seg in (("prefill", pre), ("decode", dec)):
+            head_ops, head_bytes = (float(np.ravel(x)[0]) for x in t_mixed.head_costs(seg)[:2])
+            for field, head in (("flops", head_ops), ("bytes", head_bytes)):
+                got = float(getattr(tm, f"{phase}_{field}")[0]) + head
+                want = float(getattr(td, f"{phase}_{field}")[0]) + float(getattr(te, f"{phase}_{field}")[0])
+                assert got == pytest.approx(want, rel=1e-12), (attention, phase, field)
+
+
+def test_mla_kv_cache_bytes_per_token_are_the_latent_not_the_heads():
+    """A decode step reads, per cached token and layer, what HF's DeepSeek-V3 cache holds per token
+    and layer (the compressed latent + the rope key), once for all heads, on every TP rank."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(NEW_FAMILIES["deepseek_v3"])
+    hf_cfg = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    layer = out.past_key_values.layers[0]
+    per_token = layer.keys.shape[-1] * layer.keys.shape[1] + layer.values.shape[-1] * layer.values.shape[1]
+    arch = _new("deepseek_v3")
+    assert arch.kv_cache_elements_per_token == per_token == 32 + 16
+    for tp in (1, 2):
+        tpl = _tpl(arch, tp=tp, prec=Precision.from_name("bfloat16"))
+        i = _node_index(tpl)["attention"]
+        a = tpl.costs(Segment.chunk(1, 1, 1000)).memory_bytes[0, i]
+        b = tpl.costs(Segment.chunk(1, 1, 2000)).memory_bytes[0, i]
+        assert b - a == pytest.approx(1000 * per_token * 2)  # per GPU: the latent is not split by TP

@@ -11,12 +11,13 @@ from llmco2_serve.precision import DTYPE_CHOICES, Precision, PrecisionError, nor
 
 @pytest.mark.parametrize(
     "name,expected",
-    [("float32", 4.0), ("float16", 2.0), ("bfloat16", 2.0), ("fp8", 1.0), ("int8", 1.0), ("int4", 0.5)],
+    [("float32", 4.0), ("float16", 2.0), ("bfloat16", 2.0), ("fp8", 1.0), ("int8", 1.0), ("int4", 0.5),
+     ("mxfp4", 4.25 / 8)],  # OCP MX v1.0: 32 4-bit E2M1 values share one 8-bit E8M0 scale
 )
 def test_byte_sizes_for_every_choice(name, expected):
     p = Precision.from_name(name)
     assert p.weight_bytes == expected
-    assert set(DTYPE_CHOICES) == {"float32", "float16", "bfloat16", "fp8", "int8", "int4"}
+    assert set(DTYPE_CHOICES) == {"float32", "float16", "bfloat16", "fp8", "int8", "int4", "mxfp4"}
 
 
 @pytest.mark.parametrize(
@@ -164,3 +165,66 @@ def test_from_hf_config_missing_dtype_names_the_field():
 def test_from_hf_config_unknown_torch_dtype_raises():
     with pytest.raises(PrecisionError, match="float64"):
         Precision.from_hf_config({"torch_dtype": "float64"})
+
+
+# --- MXFP4 (gpt-oss) and block-fp8 (DeepSeek-V3) checkpoints ---------------------------------
+
+
+def test_mxfp4_checkpoint_quantizes_only_the_experts():
+    cfg = {"torch_dtype": "bfloat16", "quantization_config": {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"]}}
+    p = Precision.from_hf_config(cfg)
+    assert (p.weight_dtype, p.activation_dtype, p.kv_dtype, p.compute_dtype) == ("mxfp4", "bfloat16", "bfloat16",
+                                                                                "bfloat16")
+    assert p.quantized_scope == "experts"
+    assert p.linear_weight_bytes("expert_gate_proj") == 4.25 / 8
+    for kind in ("q_proj", "o_proj", "router", "gate_proj"):
+        assert p.linear_weight_bytes(kind) == 2.0
+    assert p.label == "w:mxfp4(experts)/a:bfloat16"
+
+
+def test_mxfp4_expert_bytes_equal_the_packed_tensors_transformers_loads():
+    """transformers' Mxfp4GptOssExperts holds each expert matrix as uint8 blocks of 16 bytes (32
+    E2M1 values); the checkpoint stores one uint8 E8M0 scale per block beside them."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    mx = pytest.importorskip("transformers.integrations.mxfp4")
+    from llmco2_serve.arch import ModelArch
+    from llmco2_serve.graph import build_layer_template
+    from llmco2_serve.hardware import gpu_spec
+
+    cfg = transformers.GptOssConfig(hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_local_experts=4,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512)
+    with torch.device("meta"):
+        experts = mx.Mxfp4GptOssExperts(cfg)
+    blocks = experts.gate_up_proj.numel() + experts.down_proj.numel()  # bytes (uint8)
+    scales = blocks // 16
+    arch = ModelArch.from_hf_config(dict(cfg.to_dict(), model_type="gpt_oss"))
+    tpl = build_layer_template(arch, Precision.from_name("mxfp4"), gpu_spec("H100"))
+    bf16 = build_layer_template(arch, Precision.from_name("bfloat16"), gpu_spec("H100"))
+    expert_matrices = arch.num_layers * arch.moe_num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size
+    # only the expert matrices change size: every other weight stays bf16
+    assert bf16.weight_bytes() - tpl.weight_bytes() == expert_matrices * 2 - arch.num_layers * (blocks + scales)
+
+
+@pytest.mark.parametrize("quant", [
+    {"quant_method": "mxfp4"}, {"quant_method": "MXFP4", "modules_to_not_convert": None},
+])
+def test_mxfp4_quantization_mapping(quant):
+    assert quantization_dtype(quant) == "mxfp4"
+    assert normalize_dtype("mx_fp4") == "mxfp4"
+
+
+def test_deepseek_block_fp8_checkpoint_is_fp8_everywhere():
+    cfg = {"torch_dtype": "bfloat16", "quantization_config": {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}}
+    p = Precision.from_hf_config(cfg)
+    assert (p.weight_dtype, p.compute_dtype, p.quantized_scope) == ("fp8", "fp8", "all")
+    assert p.linear_weight_bytes("q_proj") == p.linear_weight_bytes("expert_up_proj") == 1.0
+
+
+def test_quantized_scope_is_validated():
+    with pytest.raises(PrecisionError, match="quantized_scope"):
+        Precision("int4", "bfloat16", "bfloat16", "bfloat16", "attention")
