@@ -174,9 +174,11 @@ def make_predictor(settings: Settings, model: ModelInfo, gpu_names: Sequence[str
         dtype = None if model.quantization and model.quantization != "fp8" else (model.quantization or model.dtype)
         kv = None if model.kv_cache_dtype in (None, "auto") else model.kv_cache_dtype
         make = factory or Predictor.from_config
+        weights = ({"weights_path": s.weights_path} if s.weights_path
+                   else {"profile": s.profile})  # packaged engine profile (vllm by default) or a user file
         predictor = make(dict(model.hf_config), gpu=gpu, tensor_parallel=model.tensor_parallel,
                          pipeline_parallel=model.pipeline_parallel, dtype=dtype, kv_cache_dtype=kv,
-                         carbon=s.carbon)
+                         carbon=s.carbon, **weights)
     except (ArchitectureError, PrecisionError, UnknownGPUError, GPUSpecError, WeightsError,
             ValueError, KeyError, TypeError, OSError) as e:
         error = f"no prediction for {model.architecture}: {type(e).__name__}: {e}"

@@ -20,6 +20,8 @@ variable                                  meaning (default)
 ``LLMCO2_PAIRS_PATH``                     JSONL of (prediction, NVML measurement) pairs for
                                           retraining; empty disables (~/.cache/llmco2/pairs.jsonl)
 ``LLMCO2_MAX_TOKENS_CAP``                 max_tokens above this are predicted at this value (131072)
+``LLMCO2_PROFILE``                        engine profile of the packaged GNN weights: vllm | hf-eager (vllm)
+``LLMCO2_WEIGHTS``                        a GNN weights file (.npz from ``llmco2 train``) instead (none)
 ``LLMCO2_CALIBRATION``                    learn this deployment's correction from its own NVML
                                           measurements and apply it to predictions (1)
 ``LLMCO2_OTLP_METRICS_ENDPOINT``          OTLP/HTTP collector base URL for the plugin's metrics when the
@@ -76,6 +78,8 @@ class Settings:
     pairs_path: str | None = DEFAULT_PAIRS_PATH
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     calibration: bool = True
+    profile: str = "vllm"
+    weights_path: str | None = None
     otlp_metrics_endpoint: str | None = None
     config_file: str | None = None
 
@@ -97,6 +101,7 @@ class Settings:
             f"fallback GPU {self.gpu_spec_file or self.gpu}; energy reader {self.energy_reader}; "
             f"headers {'on' if self.response_headers else 'off'}; pairs {self.pairs_path or 'off'}; "
             f"max_tokens cap {self.max_tokens_cap}; calibration {'on' if self.calibration else 'off'}; "
+            f"weights {self.weights_path or 'profile ' + self.profile}; "
             f"fail_open {self.fail_open}; "
             f"metrics {self.otlp_metrics_endpoint or 'host meter provider'}"
             + (f"; config {self.config_file}" if self.config_file else "")
@@ -148,6 +153,13 @@ def _optional_path(var: str, raw: Any) -> str | None:
     return text or None
 
 
+def _profile(var: str, raw: Any) -> str:
+    text = str(raw).strip().lower()
+    if not text or not all(c.isalnum() or c in "-_." for c in text):
+        raise SettingsError(var, f"expected an engine profile name (e.g. vllm, hf-eager), got {raw!r}")
+    return text
+
+
 def _mode(var: str, raw: Any) -> str:
     text = str(raw).strip().lower()
     if text == "none":
@@ -192,6 +204,8 @@ _PARSERS = {
     "pairs_path": ("PAIRS_PATH", _optional_path),
     "max_tokens_cap": ("MAX_TOKENS_CAP", lambda v, r: _int(v, r, 1)),
     "calibration": ("CALIBRATION", _bool),
+    "profile": ("PROFILE", _profile),
+    "weights_path": ("WEIGHTS", _optional_path),
     "otlp_metrics_endpoint": ("OTLP_METRICS_ENDPOINT", _optional_url),
 }
 

@@ -609,3 +609,17 @@ def test_the_deployment_calibration_learns_from_finals_survives_a_restart_and_re
     off = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"),
                                        "LLMCO2_CALIBRATION": "0"}), again.model, gpu_names=[], prediction_table="off")
     assert off.calibrator is None and not off.on_request("y", 40, 16, 3).calibrated
+
+
+def test_engine_profile_and_weights_file_settings_reach_the_predictor(tmp_path):
+    model = ModelInfo(hf_config=tiny_config("llama"), model_name="t", dtype="float32")
+    vllm = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": ""}), model, gpu_names=[], prediction_table="off")
+    hf = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_PROFILE": "hf-eager"}), model, gpu_names=[],
+                       prediction_table="off")
+    assert "vllm" in vllm.predictor_label and "hf-eager" in hf.predictor_label
+    p_vllm = vllm.on_request("a", 40, 16, 0).energy_j
+    p_hf = hf.on_request("a", 40, 16, 0).energy_j
+    assert p_vllm != p_hf  # different weights, different predictions
+    bad = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_PROFILE": "nope"}), model, gpu_names=[],
+                        prediction_table="off")
+    assert bad.predictor is None and "unknown engine profile 'nope'" in bad.error  # fail-open, says why
