@@ -651,6 +651,8 @@ def test_moe_era_param_counts_match_hf_on_meta(name):
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     assert ModelArch.from_hf_config(cfg).param_count() == model.num_parameters()
+    # the plugin hands over vLLM's hf_text_config.to_dict(): every default spelled out by HF
+    assert ModelArch.from_hf_config(hf_cfg.to_dict()).param_count() == model.num_parameters()
 
 
 def test_gemma3_family_defaults_are_transformers_defaults():
