@@ -99,6 +99,8 @@ class Precision:
             # weight-only: dequantised on the fly (MXFP4 too: vLLM's Hopper kernels compute in bf16)
             weight, act, compute = d, base, base
         kv = act if kv_cache_dtype in (None, "auto") else normalize_dtype(kv_cache_dtype)
+        if kv in _EXPERTS_ONLY:
+            raise PrecisionError(f"kv cache dtype {kv_cache_dtype!r} is a weight format, not a KV-cache dtype")
         return cls(weight, act, kv, compute, "experts" if d in _EXPERTS_ONLY else "all")
 
     @classmethod

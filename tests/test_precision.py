@@ -228,3 +228,8 @@ def test_deepseek_block_fp8_checkpoint_is_fp8_everywhere():
 def test_quantized_scope_is_validated():
     with pytest.raises(PrecisionError, match="quantized_scope"):
         Precision("int4", "bfloat16", "bfloat16", "bfloat16", "attention")
+
+
+def test_mxfp4_is_not_a_kv_cache_dtype():
+    with pytest.raises(PrecisionError, match="not a KV-cache dtype"):
+        Precision.from_name("bfloat16", kv_cache_dtype="mxfp4")
