@@ -146,8 +146,12 @@ def cmd_eval(args) -> int:
 
 
 def _print_metrics(label, m):
-    print(f"{label:28s} n={m['n']:4d}  MAPE {100 * m['mape']:6.1f}%  EBA(5%) {100 * m['eba_5']:5.1f}%  "
-          f"EBA(10%) {100 * m['eba_10']:5.1f}%  EBA(30%) {100 * m['eba_30']:5.1f}%")
+    def pct(key, width):
+        v = m.get(key)
+        return f"{100 * v:{width}.1f}%" if v is not None else f"{'-':>{width + 1}s}"  # no such label (no phase split)
+
+    print(f"{label:28s} n={m['n']:4d}  MAPE {pct('mape', 6)}  EBA(5%) {pct('eba_5', 5)}  "
+          f"EBA(10%) {pct('eba_10', 5)}  EBA(30%) {pct('eba_30', 5)}")
 
 
 def cmd_train(args) -> int:

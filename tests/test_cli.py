@@ -73,3 +73,12 @@ def test_serve_command_uses_a_launcher_that_exists():
 def test_console_script_installed():
     out = subprocess.run(["llmco2", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "llmco2-serve" in out.stdout
+
+
+def test_eval_text_output_on_request_only_records(capsys):
+    """ML.ENERGY rows have no phase split: the text report shows '-' for the phases, no crash."""
+    from llmco2_serve.cli import profile_training_data
+
+    assert main(["eval", "--data", profile_training_data("vllm")]) == 0
+    out = capsys.readouterr().out
+    assert "MAPE" in out and "excluded rows" in out
