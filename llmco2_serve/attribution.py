@@ -220,8 +220,9 @@ class MeasuredEnergy:
 
 # Per-request accumulators, one row each in EnergyAttributor._acc (columns are ledger slots);
 # each device keeps a snapshot of the first _N_SNAP rows at its latest close.
-_MP, _MD, _WP, _WD, _CP, _CD, _SQ, _XS, _SH, _BUSY = range(10)
-_N_SNAP = 10
+_MP, _MD, _WP, _WD, _CP, _CD, _SQ, _XS, _SH, _BUSY, _STEPS, _ROWS = range(12)
+_N_SNAP = 10  # rows snapshotted per device at its closes (_STEPS, _ROWS are counts only)
+_N_ACC = 12
 
 
 class _Req:
@@ -367,7 +368,7 @@ class EnergyAttributor:
             return new
 
         g = getattr
-        self._acc = grow(g(self, "_acc", None), (_N_SNAP, cap))
+        self._acc = grow(g(self, "_acc", None), (_N_ACC, cap))
         self._snap = grow(g(self, "_snap", None), (n, _N_SNAP, cap))
         self._energy = grow(g(self, "_energy", None), (2, cap))  # closed windows, per phase
         self._lost = grow(g(self, "_lost", None), (3, cap))  # lost estimate per phase, lost mass
@@ -378,7 +379,7 @@ class EnergyAttributor:
         last = g(self, "_last_step", None)
         self._last_step = np.full(cap, -1, dtype=np.int64)  # its latest recorded step
         counts = g(self, "_counts", None)
-        self._counts = np.zeros((3, cap), dtype=np.int64)  # steps, rows seen, preemptions
+        self._counts = np.zeros((1, cap), dtype=np.int64)  # preemptions
         in_use = g(self, "_in_use", None)
         self._in_use = np.zeros(cap, dtype=bool)
         if old:
@@ -476,12 +477,9 @@ class EnergyAttributor:
             slots_list = [h.slot for h in handles]
             slots = np.array(slots_list, dtype=np.intp)
             unique = len(set(slots_list)) == n_rows
-            counts = self._counts
-            if unique:
-                counts[:2, slots] += np.array(((1,), (n_rows,)), dtype=np.int64)
-            else:
-                np.add.at(counts[0], slots, 1)
-                np.add.at(counts[1], slots, n_rows)
+            if dur <= 0.0 or self._failed:  # otherwise counted with the step's other sums below
+                np.add.at(self._acc[_STEPS], slots, 1.0)
+                np.add.at(self._acc[_ROWS], slots, float(n_rows))
         if n_rows and dur > 0.0:  # a step with no time on the device gets no energy
             w = np.asarray(weights, dtype=np.float64)
             wsum = float(w.sum())
@@ -500,7 +498,7 @@ class EnergyAttributor:
                 lost[2] = m
                 np.add.at(self._lost, (slice(None), slots), lost)
             else:
-                v = np.empty((_N_SNAP, n_rows))
+                v = np.empty((_N_ACC, n_rows))
                 # rows MP/MD, WP/WD, CP/CD: the prefill and decode parts of mass, work, compute
                 if work_s:
                     c = np.asarray(compute_s, dtype=np.float64) if compute_s is not None else np.zeros(n_rows)
@@ -519,6 +517,8 @@ class EnergyAttributor:
                 v[_XS] = m * step_m
                 v[_SH] = msq * (1.0 / step_m)
                 v[_BUSY] = dur
+                v[_STEPS] = 1.0
+                v[_ROWS] = n_rows
                 if unique:
                     self._acc[:, slots] += v
                 else:
@@ -577,7 +577,7 @@ class EnergyAttributor:
         resumed request that hits the prefix cache is charged for what it really recomputes."""
         req = self._reqs.get(request_id)
         if req is not None:
-            self._counts[2, req.slot] += 1
+            self._counts[0, req.slot] += 1
 
     def peek(self, request_id: str) -> MeasuredEnergy:
         """The current (non-final) value of a live request, without finishing it."""
@@ -769,7 +769,7 @@ class EnergyAttributor:
             idx = np.flatnonzero(self._in_use & (self._last_step >= first_step))
             if idx.size:
                 snap = self._snap[d]
-                cur = self._acc[:, idx]
+                cur = self._acc[:_N_SNAP, idx]
                 dlt = cur - snap[:, idx]
                 snap[:, idx] = cur
                 e_p = k_time * dlt[_MP] + k_work * dlt[_WP] + k_compute * dlt[_CP]
@@ -906,8 +906,8 @@ class EnergyAttributor:
 
     def _result(self, req: _Req, final: bool) -> MeasuredEnergy:
         s = req.slot
-        n_steps = int(self._counts[0, s])
-        n_pre = int(self._counts[2, s])
+        n_steps = int(self._acc[_STEPS, s])
+        n_pre = int(self._counts[0, s])
         n = self._n_devices
         if n == 0:
             return self._unavailable(req.rid, n_steps, n_pre, req.aborted, final)
@@ -945,7 +945,7 @@ class EnergyAttributor:
             n_preemptions=n_pre,
             aborted=req.aborted,
             final=final,
-            mean_batch=float(self._counts[1, s]) / n_steps if n_steps else 0.0,
+            mean_batch=float(self._acc[_ROWS, s]) / n_steps if n_steps else 0.0,
         )
 
     def _never_scheduled(self, rid: str, aborted: bool, final: bool) -> MeasuredEnergy:
