@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
+    from .retrain import add_parser as add_retrain_parser
+
+    add_retrain_parser(sub)  # llmco2 retrain (retrain.py)
+
     s = sub.add_parser("serve", help="run vLLM's OpenAI server with the plugin (any vllm serve args)")
     s.add_argument("model")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER)

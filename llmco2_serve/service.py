@@ -288,6 +288,7 @@ class EnergyService:
         self.predictor: Any = None
         self.gpu_source = "detected" if self.gpu_names else "configured"
         self.gpu_label = self.gpu_names[0] if self.gpu_names else (settings.gpu_spec_file or settings.gpu)
+        self._init_weights_reload()  # before the load: a file replaced during start-up is reloaded later
         self._build_predictor(predictor_factory)
         self.calibrator: Any = None
         self._calibration_saved_at = time.monotonic()
@@ -654,9 +655,11 @@ class EnergyService:
                 measured_decode_j=dec, batch=mean_batch or pred.batch, source=str(source),
                 uncertainty_j=unc, gen_tokens=gen)
             self._maybe_save_calibration()
-        # Pairs learn only from complete NVML measurements of requests that ran to the end.
-        if source == "nvml" and pred is not None and completed and gen:
-            self._keep_pair(pred, int(gen), {
+        # Pairs learn only from complete NVML measurements of requests that ran to the end (and,
+        # with the TEST-ONLY LLMCO2_PAIRS_INCLUDE_FAKE, the fake counter's; labelled measured_source).
+        if (source == "nvml" or (source == "fake" and self.settings.pairs_include_fake)) and pred is not None \
+                and completed and gen:
+            self._keep_pair(pred, int(gen), {"measured_source": str(source),
                 "prefill_energy_j": pre, "decode_energy_j": dec, "energy_j": energy, "uncertainty_j": unc,
                 "estimated_energy_j": est, "n_preemptions": n_pre, "n_steps": n_steps,
                 "mean_batch": mean_batch, "cached_tokens": cached})
@@ -721,6 +724,8 @@ class EnergyService:
             "predicted_prefill_energy_j": pred.prefill_energy_j,
             "predicted_decode_energy_j": pred.decode_energy_j, "predicted_energy_j": pred.energy_j,
             "predicted_gen_tokens": pred.gen_tokens, "predictor": self.predictor_label,
+            # the held-out split of `llmco2 retrain` is by request; what measured it (nvml; fake: tests)
+            "request_id": pred.request_id, "measured_source": m.get("measured_source", "nvml"),
         }
         self._pairs.write(row)
 
@@ -745,11 +750,190 @@ class EnergyService:
         else:
             threading.Thread(target=save, name="llmco2-calibration-save", daemon=True).start()
 
+    # ------------------------------------------------------------------ hot reload of the GNN weights
+    # Mechanism (README "Retraining and hot reload"): with LLMCO2_WEIGHTS set, a daemon thread stats
+    # that file every LLMCO2_RELOAD_INTERVAL_S; when (mtime, size, inode) changes it calls
+    # reload_weights there, off the request path. `llmco2 retrain` replaces the file with os.replace.
+    def _init_weights_reload(self) -> None:
+        self.weights_reloads = 0  # successful swaps
+        self.weights_reload_failures = 0  # files that could not be used (old weights kept)
+        self.weights_reload_error: str | None = None
+        self.weights_reload_pause_s = 0.0  # longest time the swap itself took (three assignments)
+        self._reload_lock = threading.Lock()
+        self._reload_retry = False
+        self._watch_stop = threading.Event()
+        self._retrain_proc: Any = None
+        path = self.settings.weights_path
+        self._weights_seen = _file_signature(path) if path else None
+        if path and self.settings.reload_interval_s > 0:
+            threading.Thread(target=self._watch_weights, name="llmco2-weights-watch", daemon=True).start()
+        if self.settings.retrain_interval_s > 0:
+            threading.Thread(target=self._retrain_loop, name="llmco2-retrain", daemon=True).start()
+
+    def _watch_weights(self) -> None:
+        while not self._watch_stop.wait(self.settings.reload_interval_s):
+            try:
+                self.check_weights_file()
+            except Exception as e:  # noqa: BLE001 - fail-open: the watcher never stops serving
+                logger.warning("llmco2: weights reload check failed: %s", e)
+
+    def check_weights_file(self) -> bool | None:
+        """Reload LLMCO2_WEIGHTS when the file changed since it was last seen (called by the watcher;
+        blocking). None: unchanged or no file; else :meth:`reload_weights`'s result."""
+        path = self.settings.weights_path
+        if not path:
+            return None
+        sig = _file_signature(path)
+        if sig is None or sig == self._weights_seen:
+            return None
+        ok = self.reload_weights(path)
+        if ok or not self._reload_retry:  # a file caught mid-publication is tried again next time
+            self._weights_seen = sig
+        return ok
+
+    def reload_weights(self, path: str) -> bool:
+        """Switch to the GNN weights in ``path`` (+ its ``.json``) without a restart. Blocking: call it
+        off the request path. Loads and checks them, builds the new predictor and its prediction table,
+        and a calibrator for the new predictor label (new weights start a new calibration), then
+        swaps them in. Requests keep being predicted by the old weights until the swap. Returns
+        False and keeps the old weights (counted in ``weights_reload_failures``, logged once per
+        file version) when the file cannot be used."""
+        import dataclasses
+        import io
+
+        from .predictor import EmbeddedWeights, Predictor, WeightsError
+
+        with self._reload_lock:
+            self._reload_retry = False
+            old = self.predictor
+            try:
+                if not isinstance(old, Predictor):
+                    raise WeightsError("no GNN predictor was built at start-up: nothing to reload")
+                with open(path, "rb") as f:
+                    data = f.read()  # one read: the bytes checked are the bytes loaded
+                with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
+                    metadata = json.load(f)
+                if not isinstance(metadata, dict):
+                    raise WeightsError("metadata is not a JSON object")
+                want = metadata.get("weights_sha256")
+                if want:
+                    import hashlib
+
+                    if hashlib.sha256(data).hexdigest() != want:
+                        self._reload_retry = True
+                        raise WeightsError("weights and metadata do not match (being replaced?); retrying later")
+                arrays = dict(np.load(io.BytesIO(data)))
+                new = dataclasses.replace(old, weights=EmbeddedWeights(arrays, metadata))
+                probe = new.predict_many(np.array([16, 512]), np.array([16, 128]), batch=4)
+                if not (np.all(np.isfinite(probe.energy_j)) and np.all(probe.energy_j > 0)):
+                    raise WeightsError("the new weights predict non-finite or non-positive energy")
+                t = self._table_thread
+                if t is not None:
+                    t.join()  # the start-up table (old weights) must not land after the swap
+                table = self._table_for(new) if self.table is not None else None
+                label = new.weights.label
+                cal = self.calibrator
+                new_cal = None
+                if cal is not None:
+                    from .calibration import Calibrator
+
+                    key = dataclasses.replace(cal.key, predictor=label)
+                    pairs = self.settings.pairs_path
+                    new_cal = Calibrator.load(Calibrator.path_for(pairs, key), key) if pairs else Calibrator(key)
+                    self._maybe_save_calibration(force=True)  # the old predictor's calibration is kept on disk
+            except Exception as e:  # noqa: BLE001 - fail-open: any bad file (zip, arrays, layout) keeps the old weights
+                self.weights_reload_failures += 1
+                msg = f"{type(e).__name__}: {e}"
+                if msg != self.weights_reload_error:
+                    logger.warning("llmco2: cannot reload GNN weights from %s (%s); keeping %s", path, msg,
+                                   self.predictor_label)
+                self.weights_reload_error = msg
+                return False
+            # The swap: three reference assignments, no lock on the request path. Order: the new
+            # (not yet active) calibrator first, then the table, then the predictor, so that a request
+            # racing the swap is served either old weights uncalibrated or the new weights, never the
+            # old calibration applied to the new weights.
+            t0 = time.perf_counter()
+            if cal is not None:
+                self.calibrator = new_cal
+            self.table = table
+            self.predictor = new
+            self.weights_reload_pause_s = max(self.weights_reload_pause_s, time.perf_counter() - t0)
+            self.weights_reloads += 1
+            self.weights_reload_error = None
+            logger.info("llmco2: reloaded GNN weights from %s: %s (was %s)", path, label, old.weights.label)
+            return True
+
+    def _table_for(self, predictor: Any) -> Any:
+        """A prediction table over this deployment's range (the same as _build_table's) for ``predictor``."""
+        from .fast_predict import PredictionTable
+
+        m, cap = self.model, self.settings.max_tokens_cap
+        return PredictionTable(
+            predictor, max_batch=int(m.max_num_seqs or _TABLE_MAX_BATCH),
+            max_prompt_len=int(m.max_model_len or _TABLE_MAX_LEN),
+            max_gen_tokens=int(min(cap, m.max_model_len) if m.max_model_len else cap))
+
+    def _retrain_loop(self) -> None:
+        """LLMCO2_RETRAIN_INTERVAL_S: ``llmco2 retrain`` in a low-priority subprocess (os.nice 19, one
+        torch thread), publishing into LLMCO2_WEIGHTS's folder, from which the watcher reloads."""
+        import subprocess
+        import sys
+
+        s = self.settings
+        if not s.weights_path or not s.pairs_path:
+            logger.warning("llmco2: LLMCO2_RETRAIN_INTERVAL_S needs LLMCO2_WEIGHTS (DIR/current.npz, where "
+                           "retrains are published) and LLMCO2_PAIRS_PATH; no scheduled retraining")
+            return
+        out_dir = os.path.dirname(os.path.abspath(s.weights_path))
+        if os.path.basename(s.weights_path) != "current.npz":
+            logger.warning("llmco2: scheduled retrains publish %s/current.npz, but LLMCO2_WEIGHTS is %s: "
+                           "they will not be picked up", out_dir, s.weights_path)
+        while not self._watch_stop.wait(s.retrain_interval_s):
+            if not os.path.exists(s.pairs_path):
+                continue
+            cmd = [sys.executable, "-m", "llmco2_serve.cli", "retrain", "--pairs", s.pairs_path, "--out", out_dir,
+                   "--json"] + (["--weights", s.weights_path] if os.path.exists(s.weights_path)
+                                else ["--profile", s.profile]) + (["--allow-fake"] if s.pairs_include_fake else [])
+            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            try:
+                self._retrain_proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                      text=True, preexec_fn=lambda: os.nice(19))
+                out, err = self._retrain_proc.communicate()
+                rc = self._retrain_proc.returncode
+            except OSError as e:
+                logger.warning("llmco2: scheduled retrain could not start: %s", e)
+                continue
+            finally:
+                self._retrain_proc = None
+            try:
+                report = json.loads(out) if rc == 0 else None
+            except ValueError:
+                report = None
+            if report is None:
+                logger.warning("llmco2: scheduled retrain failed (exit %s): %s", rc, (err or "").strip()[-500:])
+            elif report.get("status") == "published":
+                logger.info("llmco2: scheduled retrain published %s (held-out MAPE %.3f -> %.3f)",
+                            report.get("weights"), report["held_out_before"]["mape"], report["held_out_after"]["mape"])
+                self.check_weights_file()  # pick it up now rather than at the next check
+            else:
+                logger.info("llmco2: scheduled retrain refused: %s", report.get("reason"))
+
     def close(self) -> None:
+        self._watch_stop.set()
         self._maybe_save_calibration(force=True)
         self.flush_metrics()  # the last second of predicted energy reaches the counters
         if self._pairs is not None:
             self._pairs.close()
+
+
+def _file_signature(path: str) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or replaced (os.replace gives a new inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _clip0(x: Any) -> float | None:

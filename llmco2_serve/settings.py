@@ -22,6 +22,11 @@ variable                                  meaning (default)
 ``LLMCO2_MAX_TOKENS_CAP``                 max_tokens above this are predicted at this value (131072)
 ``LLMCO2_PROFILE``                        engine profile of the packaged GNN weights: vllm | hf-eager (vllm)
 ``LLMCO2_WEIGHTS``                        a GNN weights file (.npz from ``llmco2 train``) instead (none)
+``LLMCO2_RELOAD_INTERVAL_S``              with ``LLMCO2_WEIGHTS``: check that file this often and hot-reload
+                                          it when it changes (s; 0 disables) (30)
+``LLMCO2_RETRAIN_INTERVAL_S``             run ``llmco2 retrain`` on the pairs this often in a low-priority
+                                          subprocess, publishing into LLMCO2_WEIGHTS's folder (s; 0: off) (0)
+``LLMCO2_PAIRS_INCLUDE_FAKE``             TEST ONLY: also write pairs measured by the fake counter (0)
 ``LLMCO2_CALIBRATION``                    learn this deployment's correction from its own NVML
                                           measurements and apply it to predictions (1)
 ``LLMCO2_OTLP_METRICS_ENDPOINT``          OTLP/HTTP collector base URL for the plugin's metrics when the
@@ -80,6 +85,9 @@ class Settings:
     calibration: bool = True
     profile: str = "vllm"
     weights_path: str | None = None
+    reload_interval_s: float = 30.0
+    retrain_interval_s: float = 0.0
+    pairs_include_fake: bool = False  # TEST ONLY (fake counter pairs in LLMCO2_PAIRS_PATH)
     otlp_metrics_endpoint: str | None = None
     config_file: str | None = None
 
@@ -101,7 +109,10 @@ class Settings:
             f"fallback GPU {self.gpu_spec_file or self.gpu}; energy reader {self.energy_reader}; "
             f"headers {'on' if self.response_headers else 'off'}; pairs {self.pairs_path or 'off'}; "
             f"max_tokens cap {self.max_tokens_cap}; calibration {'on' if self.calibration else 'off'}; "
-            f"weights {self.weights_path or 'profile ' + self.profile}; "
+            f"weights {self.weights_path or 'profile ' + self.profile}"
+            + (f" (reload check every {self.reload_interval_s:g} s)" if self.weights_path and self.reload_interval_s
+               else "") + (f"; retrain every {self.retrain_interval_s:g} s" if self.retrain_interval_s else "")
+            + ("; TEST-ONLY fake pairs" if self.pairs_include_fake else "") + "; "
             f"fail_open {self.fail_open}; "
             f"metrics {self.otlp_metrics_endpoint or 'host meter provider'}"
             + (f"; config {self.config_file}" if self.config_file else "")
@@ -206,6 +217,9 @@ _PARSERS = {
     "calibration": ("CALIBRATION", _bool),
     "profile": ("PROFILE", _profile),
     "weights_path": ("WEIGHTS", _optional_path),
+    "reload_interval_s": ("RELOAD_INTERVAL_S", lambda v, r: _float(v, r, 0.0)),
+    "retrain_interval_s": ("RETRAIN_INTERVAL_S", lambda v, r: _float(v, r, 0.0)),
+    "pairs_include_fake": ("PAIRS_INCLUDE_FAKE", _bool),
     "otlp_metrics_endpoint": ("OTLP_METRICS_ENDPOINT", _optional_url),
 }
 
