@@ -171,7 +171,11 @@ def cmd_train(args) -> int:
         with open(args.accuracy_json, encoding="utf-8") as f:
             bench = json.load(f)
         ev = bench["results"]["gnn"]["evaluation"]
-        accuracy = {"protocol": "leave-one-architecture-out (benchmarks/accuracy.py)", "data": bench.get("data"),
+        data_path = bench.get("data")
+        if isinstance(data_path, str) and os.path.isabs(data_path):  # repository-relative, not this machine's
+            rel = os.path.relpath(data_path)
+            data_path = rel if not rel.startswith("..") else os.path.basename(data_path)
+        accuracy = {"protocol": "leave-one-architecture-out (benchmarks/accuracy.py)", "data": data_path,
                     "request": {k: ev.get(k) for k in ("n", "mape", "eba_5", "eba_10", "eba_30")},
                     "per_model_mape": {m: v.get("mape") for m, v in ev.get("per_model", {}).items()}}
     reproduce = (f"python benchmarks/accuracy.py --profile {args.profile} --predictors gnn --json {args.accuracy_json} && "

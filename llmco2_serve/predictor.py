@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # on, pinned so that the weights reproduce while the parser gains families; None: every record.
 PROFILES: dict[str, dict] = {
     "vllm": {"weights": "gnn_weights_vllm.npz", "data": "mlenergy-v3-vllm.jsonl",
-             "families": ("qwen3", "qwen3_moe"),
+             "families": ("qwen3", "qwen3_moe", "gpt_oss", "gemma3", "llama4", "deepseek_v3"),
              "about": "vLLM continuous batching, CUDA graphs (ML.ENERGY Benchmark v3, H100/B200, TP/EP up to 8)"},
     "hf-eager": {"weights": "gnn_weights_hf-eager.npz", "data": "h200-hf-eager.jsonl", "families": None,
                  "about": "Hugging Face transformers, eager, bf16, one request at a time (175 H200 requests)"},
