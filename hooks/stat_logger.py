@@ -52,6 +52,7 @@ class LLMCO2StatLogger(StatLoggerBase):
         self.engine_index = engine_index
         self._reported_failures = 0
         self._reported_predictions: tuple[int, float] | None = None
+        self._reported_reloads = (0, 0)
         self.service = None
         st = _state.state()
         strict = st.settings is not None and not st.settings.fail_open
@@ -78,6 +79,12 @@ class LLMCO2StatLogger(StatLoggerBase):
         if svc is None:
             return
         svc.flush_metrics()  # predicted-energy counters are added in sums (service.py); none left behind idle
+        reloads = (getattr(svc, "weights_reloads", 0), getattr(svc, "weights_reload_failures", 0))
+        if reloads != self._reported_reloads:  # hot reloads of LLMCO2_WEIGHTS (service.py reload_weights)
+            self._reported_reloads = reloads
+            logger.info("llmco2: GNN weights reloaded %d time(s), %d file(s) refused%s; predicting with %s",
+                        reloads[0], reloads[1], f" (last: {svc.weights_reload_error})" if svc.weights_reload_error
+                        else "", svc.predictor_label)
         count, total_s, max_s = svc.prediction_count, svc.prediction_time_s, svc.prediction_time_max_s
         # vLLM calls log() every ~10 s: say it only when there is something new (not while idle).
         if count and (count, total_s) != self._reported_predictions:

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import sys
-import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -233,7 +233,8 @@ def _sha256_file(path: str) -> str:
 def _atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then os.replace (atomic on POSIX)."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for any file
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
