@@ -781,7 +781,7 @@ class EnergyService:
         """Reload LLMCO2_WEIGHTS when the file changed since it was last seen (called by the watcher;
         blocking). None: unchanged or no file; else :meth:`reload_weights`'s result."""
         path = self.settings.weights_path
-        if not path:
+        if not path or not hasattr(self, "_table_thread"):  # no file, or __init__ has not finished
             return None
         sig = _file_signature(path)
         if sig is None or sig == self._weights_seen:
@@ -921,6 +921,9 @@ class EnergyService:
 
     def close(self) -> None:
         self._watch_stop.set()
+        proc = self._retrain_proc
+        if proc is not None:  # a scheduled retrain still running: it publishes nothing once stopped
+            proc.terminate()
         self._maybe_save_calibration(force=True)
         self.flush_metrics()  # the last second of predicted energy reaches the counters
         if self._pairs is not None:

@@ -321,3 +321,26 @@ def test_watcher_thread_picks_up_a_published_file(published, tmp_path):
         assert svc.weights_reloads == 1 and svc.predictor_label != label
     finally:
         svc.close()
+
+
+def test_scheduled_retrain_publishes_and_the_service_reloads(published, tmp_path):
+    """LLMCO2_RETRAIN_INTERVAL_S: `llmco2 retrain` runs in a niced subprocess next to the service,
+    publishes into LLMCO2_WEIGHTS's folder, and the service switches to the result."""
+    cur = _bootstrap(tmp_path / "w")
+    pairs = tmp_path / "pairs.jsonl"
+    shutil.copyfile(published["pairs"], pairs)
+    settings = Settings(weights_path=cur, pairs_path=str(pairs), reload_interval_s=0, retrain_interval_s=0.2)
+    model = ModelInfo(hf_config=tiny_config("llama"), model_name="tiny-llama", dtype="float32",
+                      max_model_len=512, max_num_seqs=32)
+    svc = EnergyService(settings, model, gpu_names=[], prediction_table="off")
+    try:
+        label = svc.predictor_label
+        deadline = time.monotonic() + 240
+        while svc.weights_reloads == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert svc.weights_reloads >= 1, svc.weights_reload_error
+        assert svc.predictor_label != label and "retrained" in svc.predictor_label
+        published_files = [p for p in os.listdir(tmp_path / "w") if p.startswith("gnn_weights-")]
+        assert published_files
+    finally:
+        svc.close()
