@@ -344,3 +344,18 @@ def test_scheduled_retrain_publishes_and_the_service_reloads(published, tmp_path
         assert published_files
     finally:
         svc.close()
+
+
+def test_reload_and_retrain_settings_are_validated():
+    from llmco2_serve.settings import SettingsError, load_settings
+
+    s = load_settings({"LLMCO2_WEIGHTS": "/w/current.npz", "LLMCO2_RELOAD_INTERVAL_S": "5",
+                       "LLMCO2_RETRAIN_INTERVAL_S": "3600", "LLMCO2_PAIRS_INCLUDE_FAKE": "1"})
+    assert (s.reload_interval_s, s.retrain_interval_s, s.pairs_include_fake) == (5.0, 3600.0, True)
+    d = load_settings({})
+    assert (d.reload_interval_s, d.retrain_interval_s, d.pairs_include_fake) == (30.0, 0.0, False)
+    for var, bad in (("LLMCO2_RELOAD_INTERVAL_S", "-1"), ("LLMCO2_RETRAIN_INTERVAL_S", "soon"),
+                     ("LLMCO2_PAIRS_INCLUDE_FAKE", "maybe")):
+        with pytest.raises(SettingsError) as e:
+            load_settings({var: bad})
+        assert e.value.variable == var
