@@ -765,6 +765,11 @@ class EnergyService:
         self._retrain_proc: Any = None
         path = self.settings.weights_path
         self._weights_seen = _file_signature(path) if path else None
+        if path and not _weights_match_metadata(path):
+            # started between a publication's two os.replace calls (or after one was killed there):
+            # the watcher keeps trying until the npz that the metadata names is in place
+            logger.warning("llmco2: %s does not match the weights_sha256 of its .json; reloading when it does", path)
+            self._weights_seen = None
         if path and self.settings.reload_interval_s > 0:
             threading.Thread(target=self._watch_weights, name="llmco2-weights-watch", daemon=True).start()
         if self.settings.retrain_interval_s > 0:
@@ -937,6 +942,21 @@ def _file_signature(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _weights_match_metadata(path: str) -> bool:
+    """False only when the ``.json`` names a weights_sha256 that the npz does not have."""
+    import hashlib
+
+    try:
+        with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
+            want = json.load(f).get("weights_sha256")
+        if not want:
+            return True
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == want
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: the predictor's own load says why
 
 
 def _clip0(x: Any) -> float | None:

@@ -359,3 +359,20 @@ def test_reload_and_retrain_settings_are_validated():
         with pytest.raises(SettingsError) as e:
             load_settings({var: bad})
         assert e.value.variable == var
+
+
+def test_started_between_metadata_and_weights_reloads_once_the_weights_land(published, tmp_path):
+    """A server started (or a publisher killed) between current.json and current.npz being replaced."""
+    cur = _bootstrap(tmp_path / "w")
+    new_npz = published["report"]["weights"]
+    shutil.copyfile(os.path.splitext(new_npz)[0] + ".json", os.path.splitext(cur)[0] + ".json")
+    svc = _service(tmp_path, cur)
+    try:
+        assert svc.check_weights_file() is False  # the npz is not yet the one the metadata names
+        assert svc.check_weights_file() is False  # ... and it keeps looking
+        shutil.copyfile(new_npz, cur + ".tmp")
+        os.replace(cur + ".tmp", cur)
+        assert svc.check_weights_file() is True
+        assert svc.predictor.weights.metadata["weights_sha256"] == published["report"]["weights_sha256"]
+    finally:
+        svc.close()
