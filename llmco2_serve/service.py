@@ -927,7 +927,8 @@ class EnergyService:
     def close(self) -> None:
         self._watch_stop.set()
         proc = self._retrain_proc
-        if proc is not None:  # a scheduled retrain still running: it publishes nothing once stopped
+        if proc is not None:  # a scheduled retrain still running: stopped (killed between its metadata and
+            # weights replacements it leaves a json ahead of its npz, which no reader takes: see reload_weights)
             proc.terminate()
         self._maybe_save_calibration(force=True)
         self.flush_metrics()  # the last second of predicted energy reaches the counters
