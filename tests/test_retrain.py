@@ -376,3 +376,24 @@ def test_started_between_metadata_and_weights_reloads_once_the_weights_land(publ
         assert svc.predictor.weights.metadata["weights_sha256"] == published["report"]["weights_sha256"]
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("include_fake", [False, True])
+def test_fake_counter_pairs_are_written_only_with_the_test_only_setting(tmp_path, include_fake):
+    settings = Settings(pairs_path=str(tmp_path / "pairs.jsonl"), pairs_include_fake=include_fake,
+                        calibration=False)
+    model = ModelInfo(hf_config=tiny_config("llama"), model_name="tiny-llama", dtype="float32",
+                      max_model_len=512, max_num_seqs=32)
+    svc = EnergyService(settings, model, gpu_names=[], prediction_table="off")
+    try:
+        for rid, source in (("r-nvml", "nvml"), ("r-fake", "fake"), ("r-est", "cpu-estimate-codecarbon")):
+            svc.on_request(rid, 20, 8, 0)
+            svc.on_finished(rid, 8, {"source": source, "prefill_energy_j": 1.0, "decode_energy_j": 2.0,
+                                     "energy_j": 3.0, "uncertainty_j": 0.1, "final": False})
+            svc.on_engine_finals(json.dumps({"finals": [[rid, 1.5, 2.5, 0.1, 0.0, source, 9, 0, False, 1.0, 0, 8]]}))
+    finally:
+        svc.close()
+    rows = [json.loads(x) for x in open(tmp_path / "pairs.jsonl")]
+    assert {r["request_id"]: r["measured_source"] for r in rows} == (
+        {"r-nvml": "nvml", "r-fake": "fake"} if include_fake else {"r-nvml": "nvml"})
+    assert all(r["request_energy_j"] == pytest.approx(4.0) for r in rows)
