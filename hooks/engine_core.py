@@ -106,7 +106,8 @@ class EngineSide:
             if mode in ("auto", "nvml") and not selection.indices:
                 raise EnergyReaderError(selection.note)
             reader = open_energy_reader(mode, list(selection.indices) if mode in ("auto", "nvml") else None,
-                                        cpu_estimate=mode == "cpu-estimate")
+                                        cpu_estimate=mode == "cpu-estimate",
+                                        fake_power_w=(settings.fake_idle_w, settings.fake_busy_w))
         except (EnergyReaderError, ValueError) as e:
             if not settings.fail_open:
                 raise FailClosedError(f"llmco2 (LLMCO2_FAIL_OPEN=0): energy reader {mode!r} failed: {e}") from e

@@ -89,11 +89,29 @@ class LLMCO2StatLogger(StatLoggerBase):
         # vLLM calls log() every ~10 s: say it only when there is something new (not while idle).
         if count and (count, total_s) != self._reported_predictions:
             self._reported_predictions = (count, total_s)
-            logger.info("llmco2: %d predictions, mean %.3f ms, max %.3f ms", count, 1e3 * total_s / count,
-                        1e3 * max_s)
+            logger.info("llmco2: %d predictions, mean %.3f ms, max %.3f ms%s", count, 1e3 * total_s / count,
+                        1e3 * max_s, _calibration_summary(svc))
 
     def log_engine_initialized(self) -> None:
         pass
 
     def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
         pass
+
+
+def _calibration_summary(svc: Any) -> str:
+    """'; calibration ...' for the periodic line: observations, factors, error before/after."""
+    cal = getattr(svc, "calibrator", None)
+    if cal is None:
+        return ""
+    st = cal.state()
+    err = st["error"]
+    rejected = sum(st["rejected"].values())
+    text = (f"; calibration {st['observations']} observations ({rejected} rejected), "
+            f"{'active' if st['active'] else 'inactive'}, prefill x{st['prefill_factor']:.3g} "
+            f"slope {st['prefill_batch_slope']:+.2f}, decode x{st['decode_factor']:.3g} "
+            f"slope {st['decode_batch_slope']:+.2f}")
+    if err["n"]:
+        text += (f", median error {err['uncalibrated_median_abs_rel_error']:.0%} uncalibrated -> "
+                 f"{err['calibrated_median_abs_rel_error']:.0%} served")
+    return text

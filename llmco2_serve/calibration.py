@@ -33,7 +33,8 @@ Four parameters: a multiplicative factor per phase (``exp(a)``, at the deploymen
   vLLM deployments, 1.7x between two vLLM versions, i.e. |log factor| ~ 0.5; a per-request cost
   moving with batch^s, s between -1 and 0): sd 0.5 on the log factors and on the slopes. The power
   law is extrapolated outside the batch range seen so far (three operating points must reach the
-  rest), but every applied factor is clamped to [1/20, 20] and slopes to [-1, 1].
+  rest), but every applied factor is clamped to [1/100, 100] (a misidentified GPU or a CPU test
+  counter can be off by more than 20x in one phase) and slopes to [-1, 1].
 * *Log space*: errors of energy predictions are multiplicative (a 2x error at 1 J and at 1 kJ is the
   same error), so residuals are ``log(measured / calibrated)``; a request pair gives one linear row
   per phase. A counter window measures only ``P + D`` together; it is linearised at the current
@@ -131,7 +132,7 @@ MEASURED_SOURCES = ("nvml", "fake")
 FORMAT = "llmco2-calibration"
 FORMAT_VERSION = 1
 
-_LOG_FACTOR_LIMIT = math.log(20.0)  # factors are clamped to [1/20, 20]
+_LOG_FACTOR_LIMIT = math.log(100.0)  # factors are clamped to [1/100, 100]
 _SLOPE_LIMIT = 1.0
 _MAD_TO_SD = math.sqrt(math.pi / 2.0)  # E|r| = sd * sqrt(2/pi) for a normal residual
 _SOLVE_EVERY_ROW_UNTIL = 64

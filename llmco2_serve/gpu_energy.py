@@ -879,6 +879,7 @@ def open_energy_reader(
     *,
     cpu_estimate: bool = False,
     nvml: Any = None,
+    fake_power_w: tuple[float, float] = (60.0, 240.0),
 ) -> EnergyReader:
     """Open the best available reader and log one line saying which and why.
 
@@ -893,7 +894,7 @@ def open_energy_reader(
         return NullEnergyReader("mode='none'")
     if mode == "fake":
         logger.warning("llmco2 energy: TEST-ONLY fake counter (CPU-time power model), source 'fake'")
-        return ProcessCpuFakeReader()
+        return ProcessCpuFakeReader(idle_w=fake_power_w[0], busy_w=fake_power_w[1])
     reasons: list[str] = []
     if mode in ("auto", "nvml"):
         try:

@@ -649,11 +649,19 @@ class EnergyService:
         if cal is not None and pred is not None and completed:
             # Learns only from real measurements (the calibrator rejects estimates, partial and
             # shared sources itself, counted); from the GNN's own prediction, not the served one.
+            # The attributor's error scale is for the request's total: apportion it to the phases
+            # by their share (a phase is not more uncertain than the whole request).
+            total_j = pre + dec
+            u_total = unc if unc is not None and unc == unc else None
+            share_pre = pre / total_j if total_j > 0 else 0.5
             cal.observe_request(
                 predicted_prefill_j=pred.uncalibrated_prefill_energy_j,
                 predicted_decode_j=pred.uncalibrated_decode_energy_j, measured_prefill_j=pre,
                 measured_decode_j=dec, batch=mean_batch or pred.batch, source=str(source),
-                uncertainty_j=unc, gen_tokens=gen)
+                uncertainty_j=u_total,
+                prefill_uncertainty_j=u_total * share_pre if u_total is not None else None,
+                decode_uncertainty_j=u_total * (1.0 - share_pre) if u_total is not None else None,
+                gen_tokens=gen)
             self._maybe_save_calibration()
         # Pairs learn only from complete NVML measurements of requests that ran to the end (and,
         # with the TEST-ONLY LLMCO2_PAIRS_INCLUDE_FAKE, the fake counter's; labelled measured_source).

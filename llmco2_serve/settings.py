@@ -83,6 +83,9 @@ class Settings:
     pairs_path: str | None = DEFAULT_PAIRS_PATH
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     calibration: bool = True
+    # TEST-ONLY fake counter's power model (LLMCO2_ENERGY_READER=fake): idle W, W per CPU-second
+    fake_idle_w: float = 60.0
+    fake_busy_w: float = 240.0
     profile: str = "vllm"
     weights_path: str | None = None
     reload_interval_s: float = 30.0
@@ -215,6 +218,8 @@ _PARSERS = {
     "pairs_path": ("PAIRS_PATH", _optional_path),
     "max_tokens_cap": ("MAX_TOKENS_CAP", lambda v, r: _int(v, r, 1)),
     "calibration": ("CALIBRATION", _bool),
+    "fake_idle_w": ("FAKE_IDLE_W", lambda v, r: _float(v, r, 0.0)),
+    "fake_busy_w": ("FAKE_BUSY_W", lambda v, r: _float(v, r, 0.0)),
     "profile": ("PROFILE", _profile),
     "weights_path": ("WEIGHTS", _optional_path),
     "reload_interval_s": ("RELOAD_INTERVAL_S", lambda v, r: _float(v, r, 0.0)),

@@ -52,6 +52,11 @@ def server(tmp_path_factory):
         "OTEL_BSP_SCHEDULE_DELAY": "200",
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
         "LLMCO2_ENERGY_READER": "fake",
+        # The fake counter's power model is its own (idle power + a price per CPU-second), not the
+        # GNN's; scaled so that it sits within the calibrator's clamp ([1/20, 20]) of the H100
+        # prediction for this tiny model, as a real deployment's bias does (issue 7: <= 1.7x-2x).
+        "LLMCO2_FAKE_IDLE_W": "1.5",
+        "LLMCO2_FAKE_BUSY_W": "6",
         "LLMCO2_OTLP_METRICS_ENDPOINT": receiver.endpoint,
         "LLMCO2_PAIRS_PATH": str(tmp / "pairs.jsonl"),
         "LLMCO2_GPU": "H100",
@@ -192,12 +197,14 @@ def test_every_finished_span_says_where_its_measured_value_stands(server, load):
 
 
 def test_predictions_calibrate_to_the_deployment_counter(server, load):
-    """Issue 7: the fake counter's power model (CPU time, idle power) is nothing like the GNN's
-    H100 prediction; after the load's final values, later predictions are calibrated towards
-    what this deployment's counter measures."""
+    """Issue 7: the fake counter's power model (idle power plus a price per CPU-second) is nothing
+    like the GNN's H100 prediction. Over a run of sequential requests (a batch context the load
+    before them never had), the calibrated predictions converge to what this deployment's counter
+    measures: the median |predicted / measured - 1| of the last 20 is at most half that of the
+    first 5, and well below the uncalibrated error."""
     rx = server["receiver"]
     ids = []
-    for i in range(10):
+    for i in range(25):
         tp_id = f"{0xCA11B + i:032x}"
         body = {"model": "tiny-llama", "prompt": "x" * 60, "max_tokens": 24, "temperature": 0.0,
                 "ignore_eos": True}
@@ -208,7 +215,7 @@ def test_predictions_calibrate_to_the_deployment_counter(server, load):
             assert r.status == 200
             r.read()
         ids.append(tp_id)
-        time.sleep(0.3)  # sequential, with idle reads in between (final first answers)
+        time.sleep(0.4)  # sequential, with idle reads in between: each final value is in before the next
     time.sleep(1.0)
     spans = {s["trace_id"]: s["attributes"] for s in rx.spans("llm_request")}
     cal_err, raw_err = [], []
@@ -218,7 +225,13 @@ def test_predictions_calibrate_to_the_deployment_counter(server, load):
         m = a["llmco2.measured.energy_j"]
         cal_err.append(abs(a["llmco2.predicted.energy_j"] / m - 1))
         raw_err.append(abs(a["llmco2.predicted.uncalibrated_energy_j"] / m - 1))
-    cal_err.sort()
-    raw_err.sort()
-    print(f"calibration e2e: median |pred/measured - 1| calibrated {cal_err[5]:.3f}, uncalibrated {raw_err[5]:.3f}")
-    assert cal_err[5] <= 0.5 * raw_err[5], (cal_err, raw_err)
+    first = sorted(cal_err[:5])[2]
+    last = sorted(cal_err[5:])[10]
+    raw = sorted(raw_err)[12]
+    print(f"calibration e2e: median |pred/measured - 1| first 5 {first:.3f}, last 20 {last:.3f}, "
+          f"uncalibrated {raw:.3f}")
+    time.sleep(11)  # the stat logger's periodic line says what the calibrator learnt
+    cal_lines = [ln for ln in server["log"].read_text().splitlines() if "calibration" in ln][-2:]
+    print("\n".join(cal_lines))
+    assert last <= 0.5 * first or last <= 0.1, (cal_err, raw_err, cal_lines)
+    assert last <= 0.5 * raw, (cal_err, raw_err)
