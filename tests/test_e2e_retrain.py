@@ -12,7 +12,6 @@ watcher's reload carry the retrained label, and every request during all this is
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,9 +22,7 @@ from importlib import resources
 
 import pytest
 
-from llmco2_serve.serverctl import ServerProcess, free_port
-from llmco2_serve.testing.otlp_receiver import OtlpReceiver
-from llmco2_serve.tinymodel import build_tiny_model
+from llmco2_serve.testing.e2e import PluginServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")
@@ -37,38 +34,21 @@ N_FIRST = 60
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e_retrain")
-    model = build_tiny_model(tmp / "llama", "llama")
     wdir = tmp / "weights"
     wdir.mkdir()
     base = resources.files("llmco2_serve.data")
     for ext in (".npz", ".json"):
         with resources.as_file(base / ("gnn_weights_vllm" + ext)) as src:
             shutil.copyfile(src, wdir / ("current" + ext))
-    receiver = OtlpReceiver().start()
-    port = free_port()
-    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("LLMCO2_", "VLLM_PLUGINS", "OTEL_"))}
-    env.update({
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    srv = PluginServer(tmp, {
         "LLMCO2_ENERGY_READER": "fake",
         "LLMCO2_PAIRS_INCLUDE_FAKE": "1",  # TEST ONLY
         "LLMCO2_PAIRS_PATH": str(tmp / "pairs.jsonl"),
         "LLMCO2_WEIGHTS": str(wdir / "current.npz"),
         "LLMCO2_RELOAD_INTERVAL_S": "1",
-        "LLMCO2_GPU": "H100",
-    })
-    cmd = [sys.executable, "-m", "llmco2_serve.cli", "serve", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-           "--max-num-seqs", "16", "--served-model-name", "tiny-llama",
-           "--otlp-traces-endpoint", receiver.traces_endpoint]
-    proc = ServerProcess(cmd, port=port, env=env, log_path=tmp / "server.log", ready_timeout_s=START_TIMEOUT_S)
-    try:
-        proc.start()
-        yield {"base": proc.base_url, "receiver": receiver, "log": proc.log_path, "tmp": tmp, "wdir": wdir}
-    finally:
-        proc.stop()
-        receiver.stop()
+    }, max_num_seqs=16, ready_timeout_s=START_TIMEOUT_S)
+    with srv:
+        yield {"base": srv.base_url, "receiver": srv.receiver, "log": srv.log_path, "tmp": tmp, "wdir": wdir}
 
 
 def _request(base: str, i: int) -> int:

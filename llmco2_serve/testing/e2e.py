@@ -1,0 +1,90 @@
+"""A vLLM server with the plugin, a tiny local model and a local OTLP receiver, for end-to-end
+tests (the same launcher a user has: ``llmco2 serve``). Starting it costs ~15-30 s on 2 CPUs.
+
+Use as a context manager::
+
+    with PluginServer(tmp, {"LLMCO2_ENERGY_READER": "fake"}) as srv:
+        srv.base_url, srv.receiver, srv.log_path
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from llmco2_serve.serverctl import ServerProcess, free_port
+from llmco2_serve.testing.otlp_receiver import OtlpReceiver
+from llmco2_serve.tinymodel import build_tiny_model
+
+__all__ = ["PluginServer"]
+
+# Every test server starts from the same clean slate: none of the caller's plugin or OTel settings.
+_CLEARED_PREFIXES = ("LLMCO2_", "VLLM_PLUGINS", "OTEL_")
+
+
+class PluginServer:
+    """Build a tiny llama under ``tmp``, start a receiver and ``llmco2 serve`` with ``env``.
+
+    Args:
+        tmp: a folder of the test's.
+        env: plugin and OTel variables for the server (on top of the defaults below).
+        max_num_seqs: vLLM's ``--max-num-seqs``.
+        metrics_to_receiver: export the plugin's metrics to the receiver too
+            (``LLMCO2_OTLP_METRICS_ENDPOINT``).
+        extra_args: more ``vllm serve`` arguments.
+        ready_timeout_s: how long to wait for ``/health``.
+    """
+
+    def __init__(self, tmp: Path, env: Mapping[str, str], *, max_num_seqs: int = 32,
+                 metrics_to_receiver: bool = False, extra_args: Sequence[str] = (),
+                 ready_timeout_s: float = 240.0) -> None:
+        self.tmp = Path(tmp)
+        self.model = build_tiny_model(self.tmp / "llama", "llama")
+        self.receiver = OtlpReceiver().start()
+        port = free_port()
+        full_env: dict[str, str | None] = {k: None for k in os.environ if k.startswith(_CLEARED_PREFIXES)}
+        full_env.update({
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",  # export spans quickly
+            "LLMCO2_GPU": "H100",
+            **env,
+        })
+        if metrics_to_receiver:
+            full_env["LLMCO2_OTLP_METRICS_ENDPOINT"] = self.receiver.endpoint
+        cmd = [sys.executable, "-m", "llmco2_serve.cli", "serve", str(self.model), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+               "--max-num-seqs", str(max_num_seqs), "--served-model-name", "tiny-llama",
+               "--otlp-traces-endpoint", self.receiver.traces_endpoint, *extra_args]
+        self.process = ServerProcess(cmd, port=port, env=full_env, log_path=self.tmp / "server.log",
+                                     ready_timeout_s=ready_timeout_s)
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def start(self) -> PluginServer:
+        try:
+            self.process.start()
+        except BaseException:
+            self.receiver.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.process.stop()
+        finally:
+            self.receiver.stop()
+
+    def __enter__(self) -> PluginServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
