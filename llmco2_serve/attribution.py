@@ -921,15 +921,16 @@ class EnergyAttributor:
             source = self._reader_source
         est_p, est_d = float(self._lost[0, s]), float(self._lost[1, s])
         if not final:
-            acc = self._acc
-            for d in range(n):
-                snap = self._snap[d]
-                open_p = float(acc[_MP, s] - snap[_MP, s])
-                open_d = float(acc[_MD, s] - snap[_MD, s])
+            # open-window estimate, per device: k_d x its mass since d's last close (one gather)
+            acc_p, acc_d = float(self._acc[_MP, s]), float(self._acc[_MD, s])
+            ks = self._k
+            for d, (snap_p, snap_d) in enumerate(self._snap[:, _MP:_MD + 1, s].tolist()):
+                open_p = acc_p - snap_p
+                open_d = acc_d - snap_d
                 if open_p > 0.0:
-                    est_p += self._k[d] * open_p
+                    est_p += ks[d] * open_p
                 if open_d > 0.0:
-                    est_d += self._k[d] * open_d
+                    est_d += ks[d] * open_d
         prefill = energy_p + est_p
         decode = energy_d + est_d
         estimated = est_p + est_d
@@ -938,7 +939,7 @@ class EnergyAttributor:
             prefill_energy_j=prefill,
             decode_energy_j=decode,
             energy_j=prefill + decode,
-            uncertainty_j=float(np.sqrt(self._var[:, s]).sum()) + estimated,
+            uncertainty_j=sum(math.sqrt(v) for v in self._var[:, s].tolist()) + estimated,
             estimated_energy_j=estimated,
             source=source,
             n_steps=n_steps,
