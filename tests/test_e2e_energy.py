@@ -179,7 +179,7 @@ def test_predictions_calibrate_to_the_deployment_counter(server, load):
     like the GNN's H100 prediction. Over a run of sequential requests (a batch context the load
     before them never had), the calibrated predictions converge to what this deployment's counter
     measures: the median |predicted / measured - 1| of the last 20 is at most half that of the
-    first 5, and well below the uncalibrated error."""
+    first 5 of a cold start (their uncalibrated values), and within the counter's own scatter."""
     rx = server["receiver"]
     ids = []
     for i in range(25):
@@ -203,13 +203,17 @@ def test_predictions_calibrate_to_the_deployment_counter(server, load):
         m = a["llmco2.measured.energy_j"]
         cal_err.append(abs(a["llmco2.predicted.energy_j"] / m - 1))
         raw_err.append(abs(a["llmco2.predicted.uncalibrated_energy_j"] / m - 1))
+    # The load before this run already warmed the calibrator, so a cold start's first 5 are their
+    # uncalibrated values (a cold calibrator serves the GNN's own prediction until 3 observations).
+    first_cold = sorted(raw_err[:5])[2]
     first = sorted(cal_err[:5])[2]
     last = sorted(cal_err[5:])[10]
     raw = sorted(raw_err)[12]
-    print(f"calibration e2e: median |pred/measured - 1| first 5 {first:.3f}, last 20 {last:.3f}, "
-          f"uncalibrated {raw:.3f}")
+    print(f"calibration e2e: median |pred/measured - 1| first 5 {first:.3f} (cold start: {first_cold:.3f}), "
+          f"last 20 {last:.3f}, uncalibrated {raw:.3f}")
     time.sleep(11)  # the stat logger's periodic line says what the calibrator learnt
     cal_lines = [ln for ln in server["log"].read_text().splitlines() if "calibration" in ln][-2:]
     print("\n".join(cal_lines))
-    assert last <= 0.5 * first or last <= 0.1, (cal_err, raw_err, cal_lines)
-    assert last <= 0.5 * raw, (cal_err, raw_err)
+    assert last <= 0.5 * first_cold, (cal_err, raw_err, cal_lines)
+    # and it really converged: the fake counter's own request-to-request scatter is ~10%
+    assert last <= 0.25, (cal_err, raw_err, cal_lines)
