@@ -29,11 +29,12 @@ def model_info(vllm_config: Any) -> ModelInfo:
         pipeline_parallel=int(pc.pipeline_parallel_size),
         max_model_len=getattr(mc, "max_model_len", None),
         max_num_seqs=getattr(sc, "max_num_seqs", None) if sc is not None else None,
-        engine=f"vllm-{_vllm_version()}",
+        engine=f"vllm-{vllm_version()}",
     )
 
 
-def _vllm_version() -> str:
+def vllm_version() -> str:
+    """The installed vLLM's version, ``unknown`` when it cannot be read."""
     try:
         import vllm
 

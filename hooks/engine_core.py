@@ -27,9 +27,12 @@ from typing import Any
 from llmco2_serve.devices import engine_device_indices
 from llmco2_serve.engine_meter import EngineMeter
 from llmco2_serve.gpu_energy import EnergyReaderError, NullEnergyReader, open_energy_reader
-from llmco2_serve.service import FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, encode_measured, make_predictor
+from llmco2_serve.service import (
+    FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, encode_measured, json_number, make_predictor,
+)
 
 from . import _state
+from ._vllm_config import vllm_version
 from ._patches import apply, failed, log_once
 
 logger = logging.getLogger("vllm.llmco2")
@@ -88,7 +91,7 @@ class EngineSide:
             return
         problem = _self_check()
         if problem:
-            log_once("selfcheck", logging.WARNING, "llmco2: vLLM %s lacks %s; measurement off", _vllm_version(), problem)
+            log_once("selfcheck", logging.WARNING, "llmco2: vLLM %s lacks %s; measurement off", vllm_version(), problem)
             return
         vc = scheduler.vllm_config
         info = model_info(vc)
@@ -164,8 +167,8 @@ class EngineSide:
             client, cached, gen = self.clients.pop(m.request_id, (0, None, None))
             src = m.source + suffix if suffix and m.source not in ("unavailable",) else m.source
             by_client.setdefault(client, []).append([
-                m.request_id, _num(m.prefill_energy_j), _num(m.decode_energy_j), _num(m.uncertainty_j),
-                _num(m.estimated_energy_j), src, m.n_steps, m.n_preemptions, bool(m.aborted),
+                m.request_id, json_number(m.prefill_energy_j), json_number(m.decode_energy_j), json_number(m.uncertainty_j),
+                json_number(m.estimated_energy_j), src, m.n_steps, m.n_preemptions, bool(m.aborted),
                 round(m.mean_batch, 3), cached, gen])
         if len(self.clients) > _MAX_CLIENT_IDS:  # never delivered (should not happen): bound it
             for rid in list(self.clients)[: len(self.clients) - _MAX_CLIENT_IDS]:
@@ -218,19 +221,6 @@ class EngineSide:
                     q.put_nowait((client, EngineCoreOutputs(engine_index=self.engine_index, outputs=[out])))
             except Exception as e:  # noqa: BLE001 - fail-open boundary: the poller never takes the engine down
                 failed("engine_core.run_busy_loop", e)
-
-
-def _num(x: float) -> float | None:
-    return None if x != x else round(float(x), 9)
-
-
-def _vllm_version() -> str:
-    try:
-        import vllm
-
-        return str(vllm.__version__)
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 class _Disabled:

@@ -354,6 +354,18 @@ class Calibrator:
         self._count(f"source:{source}")
         return False
 
+    def _admit(self, source: Any, values: tuple[float, ...], batch: Any) -> float | None:
+        """log(batch) of an observation worth learning from, else None with the reason counted."""
+        if not self._source_ok(source):
+            return None
+        if not all(_finite(v) for v in values):
+            self._count("not_finite")
+            return None
+        x = _log_batch(batch)
+        if x is None:
+            self._count("bad_batch")
+        return x
+
     def _count(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self._dirty = True
@@ -368,15 +380,9 @@ class Calibrator:
         phase, so only its prefill is learnt from. Returns whether anything was learnt (else the
         reason is counted in :attr:`rejected`)."""
         with self._lock:
-            if not self._source_ok(source):
-                return False
-            values = (predicted_prefill_j, predicted_decode_j, measured_prefill_j, measured_decode_j)
-            if not all(_finite(v) for v in values):
-                self._count("not_finite")
-                return False
-            x = _log_batch(batch)
+            x = self._admit(source, (predicted_prefill_j, predicted_decode_j, measured_prefill_j,
+                                     measured_decode_j), batch)
             if x is None:
-                self._count("bad_batch")
                 return False
             u = uncertainty_j if _finite(uncertainty_j) and uncertainty_j > 0 else 0.0
             up = prefill_uncertainty_j if _finite(prefill_uncertainty_j) and prefill_uncertainty_j >= 0 else u
@@ -423,14 +429,8 @@ class Calibrator:
         steps inside it split into prefill-like and decode-like parts (J), at the window's mean batch
         (rows per step). Returns whether it was learnt from (else the reason is counted)."""
         with self._lock:
-            if not self._source_ok(source):
-                return False
-            if not (_finite(measured_j) and _finite(predicted_prefill_j) and _finite(predicted_decode_j)):
-                self._count("not_finite")
-                return False
-            x = _log_batch(batch)
+            x = self._admit(source, (measured_j, predicted_prefill_j, predicted_decode_j), batch)
             if x is None:
-                self._count("bad_batch")
                 return False
             if predicted_prefill_j < 0 or predicted_decode_j < 0 or predicted_prefill_j + predicted_decode_j <= 0:
                 self._count("window:predicted_nonpositive")

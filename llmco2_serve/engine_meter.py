@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .attribution import EnergyAttributor, MeasuredEnergy, ScheduledWork
+from .attribution import EnergyAttributor, MeasuredEnergy
 from .gpu_energy import EnergyReader, measure_update_period_s
 from .step_costs import StepCostModel
 
@@ -105,15 +105,7 @@ class EngineMeter:
         costs = self._costs
         if costs is None:
             return np.maximum(n, 1.0), None
-        # decode rows (one token), vectorised: own cost linear in the keys they attend to
-        keys = ctx + 1.0
-        if costs.window is not None:
-            f = costs.window_fraction
-            keys = np.where(keys > costs.window, (1.0 - f) * keys + f * costs.window, keys)
-        c_tok, c_pair, c_kv = costs.own_coef_s
-        k_tok, k_pair, k_kv = costs.own_compute_coef_s
-        out = c_tok + (c_pair + c_kv) * keys + costs.head_row_s
-        comp = k_tok + (k_pair + k_kv) * keys + costs.head_row_s
+        out, comp = costs.decode_row_parts_s(ctx)  # every row priced as a decode token first
         multi = np.flatnonzero(n != 1.0)
         if multi.size:  # prefill chunks and speculative rows: few per step, priced one by one
             chunk = costs.chunk_parts_s
@@ -137,8 +129,10 @@ class EngineMeter:
         now = self._clock()
         with self._lock:
             self.last_activity_t = now
-            if item is None:
-                self._maybe_read(now, force=False, poll=True)
+            if item is None:  # a step with no rows: an idle read, rate-limited like the others
+                if now - self._last_read_t >= self.min_read_interval_s:
+                    self._last_read_t = now
+                    self.attributor.poll()
                 return
             start, rows, rids = item
             rid_col, phase_col, n_col, ctx_col = zip(*rows)
@@ -156,14 +150,6 @@ class EngineMeter:
                 for rid in [r for r in self._deferred if r in rids]:
                     if not any(rid in o[2] for o in self._open.values()):
                         self.attributor.on_finished(rid, aborted=self._deferred.pop(rid))
-
-    def _maybe_read(self, now: float, force: bool, poll: bool) -> None:
-        if force or now - self._last_read_t >= self.min_read_interval_s:
-            self._last_read_t = now
-            if poll:
-                self.attributor.poll()
-            else:
-                self.attributor.read_now()
 
     def preempted(self, request_id: str) -> None:
         with self._lock:

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from .attribution import EnergyAttributor, MeasuredEnergy, ScheduledWork
+from .attribution import MeasuredEnergy
 from .carbon import operational_co2_g
-from .gpu_energy import EnergyReader, EnergyReaderError, NvmlEnergyReader
+from .gpu_energy import EnergyReaderError, NvmlEnergyReader
 from .output_length import OutputLengthModel
 from .settings import Settings
 from . import telemetry as tm
@@ -202,13 +202,16 @@ def detect_gpu_names(nvml: Any = None) -> list[str]:
         reader.close()
 
 
+def json_number(x: float) -> float | None:
+    """A measured value for the JSON the engine core sends: NaN -> null (JSON has no NaN), 1e-9 J."""
+    return None if x != x else round(float(x), 9)
+
+
 def encode_measured(m: MeasuredEnergy, gen_tokens: int, source_suffix: str = "") -> str:
     """The engine core's first answer for one request, for the final output's trace_headers.
     ``source_suffix``: ``"-partial"`` / ``"-shared"`` when the engine reads only part of its GPUs
     or shares them (appended to a measured source)."""
-    def num(x: float) -> float | None:
-        return None if x != x else round(float(x), 9)  # NaN -> null (JSON has no NaN)
-
+    num = json_number
     source = m.source + source_suffix if source_suffix and m.source != "unavailable" else m.source
     return json.dumps({
         "prefill_energy_j": num(m.prefill_energy_j), "decode_energy_j": num(m.decode_energy_j),

@@ -89,25 +89,30 @@ class StepCostModel:
             _template=t,
         )
 
-    def decode_row_s(self, context_len: int) -> float:
-        """Own cost of one decode token after ``context_len`` cached tokens (pure Python)."""
+    def _decode_keys(self, context_len: Any) -> Any:
+        """Keys a decode token attends to after ``context_len`` cached tokens (float or array):
+        ``context + 1``, capped at the window on the windowed share of layers."""
         keys = context_len + 1.0
         w = self.window
-        if w is not None and keys > w:
-            keys = (1.0 - self.window_fraction) * keys + self.window_fraction * w
-        c_tok, c_pair, c_kv = self.own_coef_s
-        return c_tok + (c_pair + c_kv) * keys + self.head_row_s
+        if w is None:
+            return keys
+        f = self.window_fraction
+        if isinstance(keys, np.ndarray):
+            return np.where(keys > w, (1.0 - f) * keys + f * w, keys)
+        return (1.0 - f) * keys + f * w if keys > w else keys
 
-    def decode_row_parts_s(self, context_len: int) -> tuple[float, float]:
-        """(own cost, its compute part) of one decode token: :meth:`decode_row_s` split."""
-        keys = context_len + 1.0
-        w = self.window
-        if w is not None and keys > w:
-            keys = (1.0 - self.window_fraction) * keys + self.window_fraction * w
+    def decode_row_parts_s(self, context_len: Any) -> tuple[Any, Any]:
+        """(own cost, its compute part) of one decode token after ``context_len`` cached tokens;
+        pure Python for a number, vectorised for an array of contexts."""
+        keys = self._decode_keys(context_len)
         c_tok, c_pair, c_kv = self.own_coef_s
         k_tok, k_pair, k_kv = self.own_compute_coef_s
         return (c_tok + (c_pair + c_kv) * keys + self.head_row_s,
                 k_tok + (k_pair + k_kv) * keys + self.head_row_s)
+
+    def decode_row_s(self, context_len: int) -> float:
+        """Own cost of one decode token after ``context_len`` cached tokens (pure Python)."""
+        return self.decode_row_parts_s(context_len)[0]
 
     def chunk_parts_s(self, n: int, context_len: int) -> tuple[float, float]:
         """(own cost, its compute part) of a row of ``n`` tokens after ``context_len`` cached ones,
@@ -138,17 +143,18 @@ class StepCostModel:
         return (c_tok * t + c_pair * pairs + c_kv * kv + self.head_row_s,
                 k_tok * t + k_pair * pairs + k_kv * kv + self.head_row_s)
 
+    def _own_vars(self, new_tokens: Any, context_len: Any) -> np.ndarray:
+        """(R, 3) tokens, attention pairs and KV rows of rows of one sequence and one pass."""
+        seg = Segment.chunk(1, np.asarray(new_tokens, float), np.asarray(context_len, float))
+        return np.atleast_2d(self._template._segment_vars(seg))[:, :3]
+
     def rows_compute_s(self, new_tokens: Any, context_len: Any) -> np.ndarray:
         """The compute part (ops at peak) of :meth:`rows_s`; the rest is memory traffic."""
-        seg = Segment.chunk(1, np.asarray(new_tokens, float), np.asarray(context_len, float))
-        v = np.atleast_2d(self._template._segment_vars(seg))
-        return v[:, :3] @ np.asarray(self.own_compute_coef_s) + self.head_row_s
+        return self._own_vars(new_tokens, context_len) @ np.asarray(self.own_compute_coef_s) + self.head_row_s
 
     def rows_s(self, new_tokens: Any, context_len: Any) -> np.ndarray:
         """Own cost of rows of any size (prefill chunks too), shape of the broadcast inputs."""
-        seg = Segment.chunk(1, np.asarray(new_tokens, float), np.asarray(context_len, float))
-        v = np.atleast_2d(self._template._segment_vars(seg))
-        return v[:, :3] @ np.asarray(self.own_coef_s) + self.head_row_s
+        return self._own_vars(new_tokens, context_len) @ np.asarray(self.own_coef_s) + self.head_row_s
 
     def shared_step_s(self, total_tokens: float) -> float:
         """Weight reads of one step carrying ``total_tokens`` tokens (MoE: experts they route to)."""
