@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(PYTHON) -m llmco2_serve.demo --out llmco2-demo
+	$(PYTHON) -m llmco2_serve.devtools.demo --out llmco2-demo
 
 test: setup
 	$(PYTHON) -m pytest -q

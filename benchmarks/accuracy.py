@@ -126,7 +126,7 @@ def exclusions(results: dict) -> list[str]:
 def run(data: Path, predictors: list[str], seed: int, group: str = "model", families=None) -> dict:
     from llmco2_serve.predictors.dataset import samples_from_records, supported_records
     from llmco2_serve.predictors.evaluate import evaluate, leave_one_architecture_out
-    from llmco2_serve.records import load_records
+    from llmco2_serve.prediction.records import load_records
 
     records, skipped = supported_records(load_records(data), families=families,
                                          warn=lambda m: print(f"accuracy: {m}", file=sys.stderr))
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     if args.profile:
         from importlib import resources
 
-        from llmco2_serve.predictor import PROFILES
+        from llmco2_serve.prediction.predictor import PROFILES
 
         if args.profile not in PROFILES:
             ap.error(f"--profile: unknown {args.profile!r}; known: {', '.join(PROFILES)}")

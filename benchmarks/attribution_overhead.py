@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from llmco2_serve.attribution import EnergyAttributor, ScheduledWork
-from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock
+from llmco2_serve.runtime.attribution import EnergyAttributor, ScheduledWork
+from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock
 
 
 class _RampReader:

@@ -43,7 +43,7 @@ from sim_engine import (  # noqa: E402
     trace_requests,
 )
 
-from llmco2_serve.predictor import Predictor  # noqa: E402
+from llmco2_serve.prediction.predictor import Predictor  # noqa: E402
 
 PERIODS = (0.02, 0.1)  # counter update period range per device (NVML varies by GPU and driver)
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from llmco2_serve.calibration import Calibrator, DeploymentKey
+from llmco2_serve.prediction.calibration import Calibrator, DeploymentKey
 
 KEY = DeploymentKey(model="bench", gpu="NVIDIA H100 80GB HBM3", n_gpu=1, tensor_parallel=1, pipeline_parallel=1,
                     dtype="bfloat16", engine="vllm-0.32.0", predictor="bench")

@@ -102,15 +102,15 @@ except ImportError:  # a plain checkout (the GPU machine): map predictors/ the w
     if str(_ROOT) not in llmco2_serve.__path__:
         llmco2_serve.__path__.append(str(_ROOT))  # llmco2_serve.predictors -> <repo>/predictors
 
-from llmco2_serve.engine_meter import EngineMeter  # noqa: E402
-from llmco2_serve.gpu_energy import (  # noqa: E402
+from llmco2_serve.runtime.engine_meter import EngineMeter  # noqa: E402
+from llmco2_serve.hardware.gpu_energy import (  # noqa: E402
     EnergyReaderError,
     FakeEnergyReader,
     ManualClock,
     NvmlEnergyReader,
 )
-from llmco2_serve.predictor import Predictor  # noqa: E402
-from llmco2_serve.step_costs import StepCostModel  # noqa: E402
+from llmco2_serve.prediction.predictor import Predictor  # noqa: E402
+from llmco2_serve.workload.step_costs import StepCostModel  # noqa: E402
 
 # A counter that does not change for this long while polled under load is broken: stop, not hang.
 _STALL_S = 5.0

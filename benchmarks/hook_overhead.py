@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock
-from llmco2_serve.predictor import Predictor
-from llmco2_serve.service import EnergyService, EngineMeter, ModelInfo
-from llmco2_serve.settings import load_settings
+from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock
+from llmco2_serve.prediction.predictor import Predictor
+from llmco2_serve.runtime.service import EnergyService, EngineMeter, ModelInfo
+from llmco2_serve.runtime.settings import load_settings
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",

@@ -150,9 +150,9 @@ def _check_params(model_id: str, arch: dict, total_b: float) -> str:
     """Where the parser models the family, the implied parameter count must match the source's."""
     import logging
 
-    from llmco2_serve.arch import ArchitectureError, ModelArch
+    from llmco2_serve.workload.arch import ArchitectureError, ModelArch
 
-    logging.getLogger("llmco2_serve.arch").setLevel(logging.ERROR)
+    logging.getLogger("llmco2_serve.workload.arch").setLevel(logging.ERROR)
     try:
         parsed = ModelArch.from_hf_config(arch)
     except ArchitectureError as e:

@@ -3,7 +3,7 @@ and the server's hot path.
 
 Targets (issue 2): p99 <= 1 ms single, >= 5,000 requests/s batched, < 200 MB resident.
 Server hot path (issue 10): ``EnergyService.on_request`` answers from the prediction table
-(``llmco2_serve/fast_predict.py``) built at start-up: its build time, its error against the GNN on
+(``llmco2_serve/prediction/fast_predict.py``) built at start-up: its build time, its error against the GNN on
 random points, and the per-request cost of ``on_request`` with the table and without it (target:
 <= 0.1 ms mean).
 Run: python benchmarks/predict_overhead.py [--model-config DIR] [--gpu NAME] [--n 5000]
@@ -46,7 +46,7 @@ def main() -> None:
 
     rss_start = _rss_mb()
     t0 = time.perf_counter()
-    from llmco2_serve.predictor import Predictor  # imports numpy/torch-free inference path
+    from llmco2_serve.prediction.predictor import Predictor  # imports numpy/torch-free inference path
 
     predictor = Predictor.from_config(args.model_config or LLAMA_8B, gpu=args.gpu)
     build_s = time.perf_counter() - t0
@@ -109,10 +109,10 @@ def main() -> None:
 
 def server_hot_path(model_config, gpu: str, n: int, max_model_len: int, max_num_seqs: int) -> dict:
     """What the API server pays per request: EnergyService.on_request, with and without the table."""
-    from llmco2_serve.arch import load_hf_config
-    from llmco2_serve.fast_predict import PredictionTable, measure_error
-    from llmco2_serve.service import EnergyService, ModelInfo
-    from llmco2_serve.settings import load_settings
+    from llmco2_serve.workload.arch import load_hf_config
+    from llmco2_serve.prediction.fast_predict import PredictionTable, measure_error
+    from llmco2_serve.runtime.service import EnergyService, ModelInfo
+    from llmco2_serve.runtime.settings import load_settings
 
     cfg = dict(model_config) if isinstance(model_config, dict) else load_hf_config(model_config)
     info = ModelInfo(cfg, "bench", max_model_len=max_model_len, max_num_seqs=max_num_seqs)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_overhead import load_average, run_round, throughput_bodies  # noqa: E402
 
-from llmco2_serve import serverctl  # noqa: E402
-from llmco2_serve.demo import usable_token_ids  # noqa: E402
+from llmco2_serve.devtools import serverctl  # noqa: E402
+from llmco2_serve.devtools.demo import usable_token_ids  # noqa: E402
 
 _HOST_CODE = ("vllm/", "starlette/", "uvicorn/", "fastapi/", "asyncio/", "uvloop/", "zmq/", "torch/")
 _PLUGIN_CODE = ("llmco2_serve/", "hooks/")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("py-spy is not installed: pip install py-spy")
     cpu = serverctl.is_cpu_build()
     args.out.mkdir(parents=True, exist_ok=True)
-    from llmco2_serve.tinymodel import build_tiny_model
+    from llmco2_serve.devtools.tinymodel import build_tiny_model
 
     model_dir = str(build_tiny_model(args.out / "model-llama", "llama"))
     vocabulary = usable_token_ids(model_dir)

@@ -39,7 +39,7 @@ def _arch():
 
 
 def write_pairs(path, n, arch):
-    from llmco2_serve.predictor import Predictor
+    from llmco2_serve.prediction.predictor import Predictor
 
     p = Predictor.from_config(arch, gpu="H100", dtype="bfloat16", profile="vllm")
     rng = random.Random(0)
@@ -83,8 +83,8 @@ def main() -> int:
         if rep["status"] != "published":
             return 1
 
-        from llmco2_serve.service import EnergyService, ModelInfo
-        from llmco2_serve.settings import Settings
+        from llmco2_serve.runtime.service import EnergyService, ModelInfo
+        from llmco2_serve.runtime.settings import Settings
 
         wdir = os.path.join(tmp, "w")
         os.makedirs(wdir)

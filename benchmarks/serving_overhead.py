@@ -64,8 +64,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmco2_serve import serverctl
-from llmco2_serve.demo import (
+from llmco2_serve.devtools import serverctl
+from llmco2_serve.devtools.demo import (
     HEADER_PRED_J,
     ScaledRequest,
     completion_body,
@@ -74,7 +74,7 @@ from llmco2_serve.demo import (
     scale_requests,
     usable_token_ids,
 )
-from llmco2_serve.testing.otlp_receiver import OtlpReceiver
+from llmco2_serve.devtools.otlp_receiver import OtlpReceiver
 
 MODES = ("off", "on")
 TARGET_THROUGHPUT_LOSS_PCT = 2.0
@@ -428,7 +428,7 @@ def _wait_for_log_count(server: serverctl.VllmServer, count: int, timeout_s: flo
 def throughput_bodies(model: str, vocabulary: Sequence[int], n: int, prompt_tokens: int, max_tokens: int,
                       seed: int) -> list[dict[str, Any]]:
     """``n`` completions of ``max_tokens`` tokens, prompts of ``prompt_tokens`` ids that differ per request."""
-    from llmco2_serve.demo import prompt_token_ids
+    from llmco2_serve.devtools.demo import prompt_token_ids
 
     return [{"model": model, "prompt": prompt_token_ids(prompt_tokens, vocabulary, seed=seed * 1_000_003 + i),
              "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0} for i in range(n)]
@@ -461,7 +461,7 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
     if args.model:
         model_dir = args.model
     else:
-        from llmco2_serve.tinymodel import build_tiny_model
+        from llmco2_serve.devtools.tinymodel import build_tiny_model
 
         model_dir = str(build_tiny_model(args.out / f"model-{args.family}", args.family))
     vocabulary = usable_token_ids(model_dir)
@@ -556,7 +556,7 @@ def main_trace(args: argparse.Namespace, cpu: bool) -> int:
     if args.model:
         model_dir = args.model
     else:
-        from llmco2_serve.tinymodel import build_tiny_model
+        from llmco2_serve.devtools.tinymodel import build_tiny_model
 
         model_dir = str(build_tiny_model(args.out / f"model-{args.family}", args.family))
     vocabulary = usable_token_ids(model_dir)

@@ -3,7 +3,7 @@
 ``register_general_plugin`` is the ``vllm.general_plugins`` entry point. vLLM calls it once in
 each of its processes (API server, engine core, workers; under ``fork`` the engine core
 inherits the API server's patches instead). It validates the settings, runs the start-up checks
-of ``llmco2_serve.preflight`` (energy reader, pairs path: with ``LLMCO2_FAIL_OPEN=0`` a problem
+of ``llmco2_serve.runtime.preflight`` (energy reader, pairs path: with ``LLMCO2_FAIL_OPEN=0`` a problem
 stops vLLM here, before the model loads; otherwise each is logged once and only that feature is
 off), checks the vLLM version and applies the patches of the ledger in ``_patches.py``, each on
 its own and fail-open.
@@ -61,7 +61,7 @@ def _register() -> None:
         return
     # Every setting that can fail at run time is checked now, during vLLM's argument parsing (no
     # model loaded yet), so fail-closed refuses here and the engine core never discovers it later.
-    from llmco2_serve import preflight
+    from llmco2_serve.runtime import preflight
 
     problems = preflight.check_settings(settings)
     if problems:

@@ -49,7 +49,7 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         why="Open the energy reader, start the idle poller and check vLLM's private fields at engine "
             "start-up, so that none of it lands on the first request's schedule().",
         how="Call the original, then build the engine side (EngineMeter, reader on this engine's own "
-            "GPUs: llmco2_serve.devices), fail-open unless LLMCO2_FAIL_OPEN=0.",
+            "GPUs: llmco2_serve.hardware.devices), fail-open unless LLMCO2_FAIL_OPEN=0.",
         vllm_versions=_V, future="An engine start-up hook for plugins."),
     PatchSpec(
         "engine_core.run_busy_loop", "vllm.v1.engine.core:EngineCoreProc.run_busy_loop",

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmco2_serve.settings import Settings, SettingsError, fail_open_from_env, load_settings, unknown_variables
+from llmco2_serve.runtime.settings import Settings, SettingsError, fail_open_from_env, load_settings, unknown_variables
 
 from ._patches import log_once
 

@@ -1,10 +1,10 @@
-"""vLLM's config objects -> llmco2's frozen :class:`~llmco2_serve.service.ModelInfo`."""
+"""vLLM's config objects -> llmco2's frozen :class:`~llmco2_serve.runtime.service.ModelInfo`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmco2_serve.service import ModelInfo
+from llmco2_serve.runtime.service import ModelInfo
 
 
 def model_info(vllm_config: Any) -> ModelInfo:

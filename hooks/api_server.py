@@ -9,7 +9,7 @@ import contextvars
 import logging
 from typing import Any
 
-from llmco2_serve.service import (
+from llmco2_serve.runtime.service import (
     ERROR_ATTRIBUTE, FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, MEASURED_SOURCE_PENDING, decode_measured,
 )
 

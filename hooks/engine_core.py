@@ -24,10 +24,10 @@ import threading
 import time
 from typing import Any
 
-from llmco2_serve.devices import engine_device_indices
-from llmco2_serve.engine_meter import EngineMeter
-from llmco2_serve.gpu_energy import EnergyReaderError, NullEnergyReader, open_energy_reader
-from llmco2_serve.service import (
+from llmco2_serve.hardware.devices import engine_device_indices
+from llmco2_serve.runtime.engine_meter import EngineMeter
+from llmco2_serve.hardware.gpu_energy import EnergyReaderError, NullEnergyReader, open_energy_reader
+from llmco2_serve.runtime.service import (
     FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, encode_measured, json_number, make_predictor,
 )
 

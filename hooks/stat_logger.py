@@ -13,7 +13,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from llmco2_serve.service import EnergyService
+from llmco2_serve.runtime.service import EnergyService
 
 from . import _patches, _state
 
@@ -33,7 +33,7 @@ def ensure_service(vllm_config: Any) -> EnergyService | None:
         if settings.otlp_metrics_endpoint:
             # After vLLM's own tracer set-up: configure_otel uses a host provider where there is one
             # and otherwise exports the plugin's metrics itself (never made global).
-            from llmco2_serve.telemetry import EnergyMetrics, configure_otel
+            from llmco2_serve.runtime.telemetry import EnergyMetrics, configure_otel
 
             st.otel = configure_otel(settings.otlp_metrics_endpoint)
             metrics = EnergyMetrics(st.otel.meter)

@@ -9,7 +9,7 @@ import os
 import sys
 from importlib import resources
 
-from . import __version__
+from llmco2_serve import __version__
 
 PACKAGED_DATA = "h200-hf-eager.jsonl"
 
@@ -21,7 +21,7 @@ def packaged_training_data() -> str:
 
 def profile_training_data(profile: str) -> str:
     """Path of the packaged records engine ``profile``'s weights are trained on."""
-    from .predictor import profile_info
+    from llmco2_serve.prediction.predictor import profile_info
 
     return str(resources.files("llmco2_serve.data") / profile_info(profile)["data"])
 
@@ -32,21 +32,21 @@ def _profile_arg(args):
         raise ValueError("give --profile or --weights, not both")
     if getattr(args, "weights", None):
         return None
-    from .predictor import DEFAULT_PROFILE
+    from llmco2_serve.prediction.predictor import DEFAULT_PROFILE
 
     return getattr(args, "profile", None) or DEFAULT_PROFILE
 
 
 def _supported(records, command, families=None):
     """Rows the graph can be built for; each skipped model named on stderr with its row count."""
-    from .predictors.dataset import supported_records
+    from llmco2_serve.predictors.dataset import supported_records
 
     kept, _ = supported_records(records, warn=_warn_to_stderr(command), families=families)
     return kept
 
 
 def _carbon(args):
-    from .carbon import CarbonSettings
+    from llmco2_serve.carbon.footprint import CarbonSettings
 
     kw = {}
     if args.intensity is not None:
@@ -57,7 +57,7 @@ def _carbon(args):
 
 
 def cmd_predict(args) -> int:
-    from .predictor import Predictor
+    from llmco2_serve.prediction.predictor import Predictor
 
     p = Predictor.from_config(args.model_config, gpu=args.gpu, n_gpu=args.n_gpu, pipeline_parallel=args.pp,
                               dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, carbon=_carbon(args),
@@ -88,9 +88,9 @@ def _warn_to_stderr(command: str):
 
 
 def cmd_eval(args) -> int:
-    from .predictors.dataset import samples_from_records
-    from .predictors.evaluate import evaluate, leave_one_architecture_out
-    from .records import load_records
+    from llmco2_serve.predictors.dataset import samples_from_records
+    from llmco2_serve.predictors.evaluate import evaluate, leave_one_architecture_out
+    from llmco2_serve.prediction.records import load_records
 
     records = _supported(load_records(args.data, warn=_warn_to_stderr("eval")), "eval")
     samples = samples_from_records(records)
@@ -98,8 +98,8 @@ def cmd_eval(args) -> int:
         predicted, _ = leave_one_architecture_out(samples, args.predictor, seed=args.seed, group=args.group)
         protocol = f"leave-one-{args.group}-out on --data"
     elif args.predictor == "gnn" and not args.train:
-        from .predictor import load_weights
-        from .predictors.train import predict_samples, trained_from_embedded
+        from llmco2_serve.prediction.predictor import load_weights
+        from llmco2_serve.predictors.train import predict_samples, trained_from_embedded
 
         profile = _profile_arg(args)
         predicted = predict_samples(trained_from_embedded(load_weights(args.weights, profile)), samples)
@@ -107,14 +107,14 @@ def cmd_eval(args) -> int:
             " (in-sample: --data is their training data)"
             if profile and os.path.abspath(args.data) == os.path.abspath(profile_training_data(profile)) else "")
     else:
-        from .predictors.baselines import make_predictor
+        from llmco2_serve.predictors.baselines import make_predictor
 
         train = samples_from_records(_supported(load_records(
             args.train or profile_training_data(_profile_arg(args) or "vllm"), warn=_warn_to_stderr("eval")), "eval"))
         predicted = make_predictor(args.predictor, seed=args.seed).fit(train).predict(samples)
         protocol = f"fitted on {args.train or 'the packaged training data'}"
     if args.calibrate is not None:  # per deployment: first K rows calibrate, the rest are scored
-        from .predictors.evaluate import evaluate_calibrated
+        from llmco2_serve.predictors.evaluate import evaluate_calibrated
 
         result = evaluate_calibrated(predicted, samples, args.calibrate)
         protocol += f"; calibrated per deployment on its first {args.calibrate} record(s), scored on the rest"
@@ -155,10 +155,10 @@ def _print_metrics(label, m):
 
 
 def cmd_train(args) -> int:
-    from .predictors.train import TrainConfig, train_embedded
-    from .records import load_records
+    from llmco2_serve.predictors.train import TrainConfig, train_embedded
+    from llmco2_serve.prediction.records import load_records
 
-    from .predictor import profile_info
+    from llmco2_serve.prediction.predictor import profile_info
 
     info = profile_info(args.profile)
     data = args.data or profile_training_data(args.profile)
@@ -213,7 +213,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .precision import DTYPE_CHOICES
+    from llmco2_serve.workload.precision import DTYPE_CHOICES
 
     ap = argparse.ArgumentParser(prog="llmco2", description=__doc__)
     ap.add_argument("--version", action="version", version=f"llmco2-serve {__version__}")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
-    from .retrain import add_parser as add_retrain_parser
+    from llmco2_serve.prediction.retrain import add_parser as add_retrain_parser
 
     add_retrain_parser(sub)  # llmco2 retrain (retrain.py)
 
@@ -278,11 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .arch import ArchitectureError
-    from .hardware import GPUSpecError, UnknownGPUError, UnsupportedDtypeError
-    from .precision import PrecisionError
-    from .predictor import WeightsError
-    from .records import RecordError
+    from llmco2_serve.workload.arch import ArchitectureError
+    from llmco2_serve.hardware.gpus import GPUSpecError, UnknownGPUError, UnsupportedDtypeError
+    from llmco2_serve.workload.precision import PrecisionError
+    from llmco2_serve.prediction.predictor import WeightsError
+    from llmco2_serve.prediction.records import RecordError
 
     try:
         return args.func(args)

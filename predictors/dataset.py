@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmco2_serve.arch import ModelArch
-from llmco2_serve.graph import Parallelism, build_layer_template
-from llmco2_serve.hardware import gpu_spec
-from llmco2_serve.precision import Precision
-from llmco2_serve.records import EnergyRecord
+from llmco2_serve.workload.arch import ModelArch
+from llmco2_serve.workload.graph import Parallelism, build_layer_template
+from llmco2_serve.hardware.gpus import gpu_spec
+from llmco2_serve.workload.precision import Precision
+from llmco2_serve.prediction.records import EnergyRecord
 
 from .features import featurize
 
@@ -72,12 +72,12 @@ def unsupported_reason(rec: EnergyRecord) -> str | None:
     accept it as a standard decoder (an extrapolation, with a warning) and price an MoE or a hybrid
     Mamba model as something it is not, which is no ground to train or score on.
     """
-    from llmco2_serve.arch import ArchitectureError
-    from llmco2_serve.hardware import GPUSpecError, UnknownGPUError, UnsupportedDtypeError
-    from llmco2_serve.precision import PrecisionError
+    from llmco2_serve.workload.arch import ArchitectureError
+    from llmco2_serve.hardware.gpus import GPUSpecError, UnknownGPUError, UnsupportedDtypeError
+    from llmco2_serve.workload.precision import PrecisionError
 
     model_type = rec.arch.get("model_type")
-    arch_log = logging.getLogger("llmco2_serve.arch")
+    arch_log = logging.getLogger("llmco2_serve.workload.arch")
     level = arch_log.level
     arch_log.setLevel(logging.ERROR)  # the parser's "unknown family, extrapolating" warning: said below instead
     try:

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from llmco2_serve.metrics import eba, mape
+from llmco2_serve.reporting.metrics import eba, mape
 
 from .baselines import EnergyPredictor, make_predictor
 from .dataset import GraphSample
@@ -173,7 +173,7 @@ def leave_one_architecture_out(samples: Sequence[GraphSample], predictor_name: s
 def deployment_key_of(rec) -> "DeploymentKey":
     """The calibration deployment of a record: model, GPU, GPU count, parallelism (records are
     tensor-parallel over ``n_gpu`` unless they say otherwise), dtype and engine."""
-    from llmco2_serve.calibration import DeploymentKey
+    from llmco2_serve.prediction.calibration import DeploymentKey
 
     tp = getattr(rec, "tensor_parallel", None) or rec.n_gpu
     pp = getattr(rec, "pipeline_parallel", None) or 1
@@ -186,7 +186,7 @@ def evaluate_calibrated(predicted: Mapping[str, np.ndarray | None], samples: Seq
     """``llmco2 eval --calibrate K``: online calibration as a deployment would see it.
 
     Rows are grouped by deployment (:func:`deployment_key_of`); in each group, in file order, the
-    first ``k`` rows are fed to a fresh :class:`~llmco2_serve.calibration.Calibrator` as measured
+    first ``k`` rows are fed to a fresh :class:`~llmco2_serve.prediction.calibration.Calibrator` as measured
     observations (a finished-request pair where the row has a phase split, else its request energy
     as a window over its predicted prefill and decode parts), and the remaining rows are predicted,
     calibrated and scored. A group with ``k`` or fewer rows is reported and not scored. Records are
@@ -203,7 +203,7 @@ def evaluate_calibrated(predicted: Mapping[str, np.ndarray | None], samples: Seq
 
     Raises ValueError when ``k < 0`` or no group has more than ``k`` rows.
     """
-    from llmco2_serve.calibration import Calibrator
+    from llmco2_serve.prediction.calibration import Calibrator
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"--calibrate must be an integer >= 0, got {k!r}")

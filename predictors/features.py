@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmco2_serve.graph import KERNEL_KINDS, LayerTemplate, Segment
+from llmco2_serve.workload.graph import KERNEL_KINDS, LayerTemplate, Segment
 
 PHASE_FEATURES = ("log_ops", "log_mem_bytes", "log_net_bytes", "log_perf_gops", "log_time_us")
 NODE_FEATURE_NAMES = (

@@ -32,11 +32,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from llmco2_serve.arch import ModelArch
-from llmco2_serve.graph import Parallelism, Segment, build_layer_template
-from llmco2_serve.hardware import gpu_spec
-from llmco2_serve.precision import Precision
-from llmco2_serve.records import parse_record
+from llmco2_serve.workload.arch import ModelArch
+from llmco2_serve.workload.graph import Parallelism, Segment, build_layer_template
+from llmco2_serve.hardware.gpus import gpu_spec
+from llmco2_serve.workload.precision import Precision
+from llmco2_serve.prediction.records import parse_record
 
 __all__ = [
     "DEFAULT_GPUS",
@@ -134,7 +134,7 @@ class SamplePoint:
 
     @property
     def attention(self) -> str:
-        """As :attr:`llmco2_serve.records.EnergyRecord.attention`: HF 'eager' is unfused."""
+        """As :attr:`llmco2_serve.prediction.records.EnergyRecord.attention`: HF 'eager' is unfused."""
         return "unfused" if self.arch.get("attn_impl") == "eager" else "fused"
 
     def arch_dict(self) -> dict[str, Any]:
@@ -149,7 +149,7 @@ class SamplePoint:
 
 
 class MeasurementOracle(Protocol):
-    """Measures points; returns one energy record (``llmco2_serve.records`` format) per point, in order."""
+    """Measures points; returns one energy record (``llmco2_serve.prediction.records`` format) per point, in order."""
 
     def measure(self, points: list[SamplePoint]) -> list[dict]: ...
 

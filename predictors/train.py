@@ -165,7 +165,7 @@ WEIGHTS_VERSION = "1"
 
 def mean_power_fraction_of_tdp(records) -> float:
     """Mean of request energy / request time / (n_gpu TDP) over records with a usable time."""
-    from llmco2_serve.hardware import gpu_spec
+    from llmco2_serve.hardware.gpus import gpu_spec
 
     fractions = [r.request_energy_j / r.request_time_s / (gpu_spec(r.gpu).tdp_w * r.n_gpu)
                  for r in records if r.request_time_s and r.request_time_s > 0 and r.request_energy_j > 0]
@@ -230,7 +230,7 @@ def _sha256_of_records(records) -> str:
 
 
 def trained_from_embedded(weights) -> TrainedGNN:
-    """A :class:`TrainedGNN` view of packaged weights (``llmco2_serve.predictor.load_weights``)."""
+    """A :class:`TrainedGNN` view of packaged weights (``llmco2_serve.prediction.predictor.load_weights``)."""
     arrays = {k: v for k, v in weights.arrays.items() if not k.startswith("std_")}
     cfg = TrainConfig(**{k: v for k, v in weights.metadata.get("train_config", {}).items()
                          if k in TrainConfig.__dataclass_fields__})

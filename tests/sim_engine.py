@@ -73,8 +73,8 @@ from typing import Any
 
 import numpy as np
 
-from llmco2_serve.engine_meter import EngineMeter
-from llmco2_serve.gpu_energy import ManualClock
+from llmco2_serve.runtime.engine_meter import EngineMeter
+from llmco2_serve.hardware.gpu_energy import ManualClock
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",
@@ -716,7 +716,7 @@ class Simulation:
         self.duplicates = 0
         self.unknown_finals = 0
         if predictor is None:
-            from llmco2_serve.predictor import Predictor
+            from llmco2_serve.prediction.predictor import Predictor
             predictor = Predictor.from_config(LLAMA_8B, gpu="h100")
         self.node_devices: list[SimDevice] = []
         c = self.cfg

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from llmco2_serve.arch import ArchitectureError, ModelArch, load_hf_config
-from llmco2_serve.tinymodel import FAMILIES, tiny_config
+from llmco2_serve.workload.arch import ArchitectureError, ModelArch, load_hf_config
+from llmco2_serve.devtools.tinymodel import FAMILIES, tiny_config
 
 # Key fields of the published config.json files (no hub access in CI), with the checkpoints'
 # published parameter counts (model.num_parameters() of the full model, tied weights once).
@@ -285,7 +285,7 @@ def test_phi3_fields():
 
 
 def test_gpt2_fields_are_read_under_their_own_names(caplog):
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.workload.arch"):
         a = _arch("gpt2")
     assert not caplog.records  # a known family: no "standard decoder (gated MLP=True, rmsnorm)" guess
     assert (a.hidden_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim) == (768, 12, 12, 12, 64)
@@ -330,7 +330,7 @@ def test_unknown_gpt2_style_family_is_guessed_from_its_fields(caplog):
     with pytest.raises(ArchitectureError, match="n_inner"):  # no family default (4h) for an unknown type
         ModelArch.from_hf_config(cfg)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.workload.arch"):
         a = ModelArch.from_hf_config(dict(cfg, n_inner=3072))
     text = caplog.text
     assert "my_gpt2_clone" in text and "gated MLP=False, layernorm" in text
@@ -384,7 +384,7 @@ def test_qwen_sliding_window_respects_max_window_layers():
 
 def test_unknown_model_type_with_standard_fields_warns_and_parses(caplog):
     cfg = dict(CONFIGS["Llama-3.1-8B"][0], model_type="my_llama_clone")
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.workload.arch"):
         a = ModelArch.from_hf_config(cfg)
     assert any("my_llama_clone" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     assert a.known_family is False
@@ -393,7 +393,7 @@ def test_unknown_model_type_with_standard_fields_warns_and_parses(caplog):
 
 
 def test_known_family_does_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.arch"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.workload.arch"):
         _arch("Llama-3.1-8B")
     assert not caplog.records
 
@@ -535,7 +535,7 @@ def _ancestors(nodes, name):
 def test_layer_graph_follows_the_block(name, parallel, shared_norm):
     """HF's GPTNeoXLayer/FalconDecoderLayer with parallel blocks feed the MLP the layer input, so
     in the graph the MLP must not depend on attention; the block output still sums both."""
-    from llmco2_serve.graph import _layer_nodes
+    from llmco2_serve.workload.graph import _layer_nodes
 
     nodes = _layer_nodes(_arch(name), attention="fused", tensor_parallel=1)
     names = {n.name for n in nodes}
@@ -547,7 +547,7 @@ def test_layer_graph_follows_the_block(name, parallel, shared_norm):
 
 @pytest.mark.parametrize("name", ["gpt2", "opt-125m", "pythia-160m", "falcon-7b"])
 def test_new_families_predict(name):
-    from llmco2_serve.predictor import Predictor
+    from llmco2_serve.prediction.predictor import Predictor
 
     p = Predictor.from_config(dict(CONFIGS[name][0], torch_dtype="float16"), gpu="H100")
     r = p.predict(prompt_len=128, gen_tokens=32)
@@ -659,7 +659,7 @@ def test_gemma3_family_defaults_are_transformers_defaults():
     """gemma-3-4b/12b/27b ship text_configs without vocab_size etc.; the defaults we fill must be
     Gemma3TextConfig's own."""
     transformers = pytest.importorskip("transformers")
-    from llmco2_serve.arch import _FAMILY_DEFAULTS
+    from llmco2_serve.workload.arch import _FAMILY_DEFAULTS
 
     hf = transformers.Gemma3TextConfig()
     expected = {k: getattr(hf, k) for k in ("vocab_size", "head_dim", "num_key_value_heads", "sliding_window")}
@@ -739,7 +739,7 @@ def test_hybrid_mamba_models_are_refused_naming_the_reason(cfg, field):
 
 
 def test_multimodal_wrapper_is_unwrapped_with_its_precision(tmp_path):
-    from llmco2_serve.precision import Precision
+    from llmco2_serve.workload.precision import Precision
 
     cfg = json.loads(json.dumps(MOE_ERA_CONFIGS["gemma-3-4b"][0]))
     del cfg["text_config"]["model_type"]  # some wrappers leave it out: the outer type names it

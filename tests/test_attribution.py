@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from llmco2_serve.attribution import EnergyAttributor, MeasuredEnergy, ScheduledWork
-from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
+from llmco2_serve.runtime.attribution import EnergyAttributor, MeasuredEnergy, ScheduledWork
+from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
 
 
 def work(rid: str, phase: str = "decode", n: int = 1, ctx: int = 0, w: float = 1.0):

@@ -46,7 +46,7 @@ from sim_engine import (
     trace_requests,
 )
 
-from llmco2_serve.predictor import Predictor
+from llmco2_serve.prediction.predictor import Predictor
 
 
 
@@ -314,7 +314,7 @@ def test_dp2_engines_each_meter_sees_its_own_devices(predictor):
 def test_dp2_reads_the_devices_the_plugin_selects(predictor):
     """Defect 3: the devices the plugin reads for DP rank e (``engine_device_indices``) are the
     ones its workers run on: with them, each meter measures its own engine."""
-    devices = pytest.importorskip("llmco2_serve.devices")
+    devices = pytest.importorskip("llmco2_serve.hardware.devices")
 
     def read(e):
         sel = devices.engine_device_indices(tensor_parallel=2, pipeline_parallel=1, dp_local_rank=e)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from llmco2_serve.graph import Segment
-from llmco2_serve.hardware import gpu_spec
+from llmco2_serve.workload.graph import Segment
+from llmco2_serve.hardware.gpus import gpu_spec
 from llmco2_serve.predictors.baselines import (
     FLAT_FEATURE_NAMES,
     NNLQP_NODE_FEATURE_NAMES,
@@ -25,7 +25,7 @@ from llmco2_serve.predictors.baselines import (
 )
 from llmco2_serve.predictors.dataset import sample_from_record, template_for_record
 from llmco2_serve.predictors.train import TrainConfig
-from llmco2_serve.records import parse_record
+from llmco2_serve.prediction.records import parse_record
 
 ARCHS = {
     "tiny-llama": dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=2,

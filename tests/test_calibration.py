@@ -1,4 +1,4 @@
-"""Online calibration (llmco2_serve/calibration.py) and ``llmco2 eval --calibrate``.
+"""Online calibration (llmco2_serve/prediction/calibration.py) and ``llmco2 eval --calibrate``.
 
 The truths here are not the calibrator's formula: the synthetic deployment's decode energy carries a
 fixed per-step overhead amortised over the batch (``1 + c / b``), which no power law in batch (the
@@ -18,7 +18,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from llmco2_serve.calibration import Calibrator, DeploymentKey
+from llmco2_serve.prediction.calibration import Calibrator, DeploymentKey
 from llmco2_serve.cli import main
 
 KEY = DeploymentKey(model="meta-llama/Llama-3.1-8B-Instruct", gpu="NVIDIA H100 80GB HBM3", n_gpu=2,

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from llmco2_serve.carbon import (
+from llmco2_serve.carbon.footprint import (
     CPA_KG_PER_CM2_BY_NODE_NM,
     DEFAULT_INTENSITY_G_PER_KWH,
     DEFAULT_LIFETIME_S,
@@ -19,7 +19,7 @@ from llmco2_serve.carbon import (
     operational_co2_g,
     request_co2,
 )
-from llmco2_serve.hardware import GPUSpec, gpu_spec
+from llmco2_serve.hardware.gpus import GPUSpec, gpu_spec
 
 
 # --- Eq. 1: operational ---------------------------------------------------------------------

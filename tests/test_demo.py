@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llmco2_serve.demo import (
+from llmco2_serve.devtools.demo import (
     HEADER_PRED_CO2_G,
     HEADER_PRED_J,
     MISSING,

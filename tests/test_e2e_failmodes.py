@@ -30,8 +30,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from llmco2_serve.gpu_energy import EnergyReaderError, NvmlEnergyReader  # noqa: E402
-from llmco2_serve.tinymodel import build_tiny_model  # noqa: E402
+from llmco2_serve.hardware.gpu_energy import EnergyReaderError, NvmlEnergyReader  # noqa: E402
+from llmco2_serve.devtools.tinymodel import build_tiny_model  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
 

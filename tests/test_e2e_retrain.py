@@ -22,7 +22,7 @@ from importlib import resources
 
 import pytest
 
-from llmco2_serve.testing.e2e import PluginServer
+from llmco2_serve.devtools.e2e import PluginServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")

@@ -22,8 +22,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from llmco2_serve.testing.otlp_receiver import OtlpReceiver  # noqa: E402
-from llmco2_serve.tinymodel import build_tiny_model  # noqa: E402
+from llmco2_serve.devtools.otlp_receiver import OtlpReceiver  # noqa: E402
+from llmco2_serve.devtools.tinymodel import build_tiny_model  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
 
@@ -201,7 +201,7 @@ def test_plugin_logged_startup_line_and_no_patch_failures(server, completions):
 def _server_predictor(server):
     """The predictor the server builds (its model's config.json, H100, float32): the outside truth
     the table-based headers are checked against (issue 10)."""
-    from llmco2_serve.predictor import Predictor
+    from llmco2_serve.prediction.predictor import Predictor
 
     model_dir = server["tmp"] / "llama"
     return Predictor.from_config(json.loads((model_dir / "config.json").read_text()), gpu="H100", dtype="float32")

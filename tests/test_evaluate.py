@@ -11,7 +11,7 @@ import pytest
 
 from llmco2_serve.predictors.dataset import sample_from_record
 from llmco2_serve.predictors.evaluate import EXCLUSION_REASONS, evaluate, leave_one_architecture_out
-from llmco2_serve.records import parse_record
+from llmco2_serve.prediction.records import parse_record
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,

@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from llmco2_serve.fast_predict import PredictionTable, log_grid
-from llmco2_serve.predictor import Predictor
-from llmco2_serve.tinymodel import tiny_config
+from llmco2_serve.prediction.fast_predict import PredictionTable, log_grid
+from llmco2_serve.prediction.predictor import Predictor
+from llmco2_serve.devtools.tinymodel import tiny_config
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}

@@ -14,11 +14,11 @@ import functools
 
 import pytest
 
-from llmco2_serve.arch import ModelArch
-from llmco2_serve.graph import Segment, build_layer_template
-from llmco2_serve.hardware import gpu_spec
-from llmco2_serve.precision import Precision
-from llmco2_serve.tinymodel import FAMILIES, tiny_config
+from llmco2_serve.workload.arch import ModelArch
+from llmco2_serve.workload.graph import Segment, build_layer_template
+from llmco2_serve.hardware.gpus import gpu_spec
+from llmco2_serve.workload.precision import Precision
+from llmco2_serve.devtools.tinymodel import FAMILIES, tiny_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -37,7 +37,7 @@ def test_repr_names_shapes():
 def samples():
     from llmco2_serve.cli import packaged_training_data
     from llmco2_serve.predictors.dataset import samples_from_records
-    from llmco2_serve.records import load_records
+    from llmco2_serve.prediction.records import load_records
 
     return samples_from_records(load_records(packaged_training_data()))
 
@@ -55,7 +55,7 @@ def test_training_is_seeded_and_reproducible(samples):
 
 
 def test_training_reduces_relative_error(samples):
-    from llmco2_serve.metrics import mape
+    from llmco2_serve.reporting.metrics import mape
     from llmco2_serve.predictors.train import TrainConfig, predict_samples, train_gnn
 
     y = np.array([s.request_energy_j for s in samples])

@@ -155,7 +155,7 @@ def test_dry_run_meter_error_is_bounded_against_the_independent_truth(dry_report
 
 
 def test_compare_follows_the_documented_truth_definition():
-    from llmco2_serve.attribution import MeasuredEnergy
+    from llmco2_serve.runtime.attribution import MeasuredEnergy
 
     alone = {
         "shared": {"energy_j": 2.0, "time_s": 0.004, "dynamic_energy_j": 1.7},

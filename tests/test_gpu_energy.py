@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from llmco2_serve import gpu_energy as ge
-from llmco2_serve.gpu_energy import (
+from llmco2_serve.hardware import gpu_energy as ge
+from llmco2_serve.hardware.gpu_energy import (
     CounterWentBackwards,
     EnergyCounterNotSupported,
     EnergyReader,
@@ -109,7 +109,7 @@ def test_error_table_codes_match_pynvml():
 
 def test_import_has_no_side_effects():
     code = (
-        "import sys; import llmco2_serve.gpu_energy, llmco2_serve.attribution; "
+        "import sys; import llmco2_serve.hardware.gpu_energy, llmco2_serve.runtime.attribution; "
         "print('pynvml' in sys.modules, 'codecarbon' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -231,7 +231,7 @@ def test_nvml_available_is_cached_and_false_without_nvml(monkeypatch):
 # ------------------------------------------------------------------ fallbacks
 def test_open_energy_reader_prefers_nvml_and_logs(caplog):
     nvml = FakeNvml([100.0], clock=ManualClock())
-    with caplog.at_level(logging.INFO, logger="llmco2_serve.gpu_energy"):
+    with caplog.at_level(logging.INFO, logger="llmco2_serve.hardware.gpu_energy"):
         reader = open_energy_reader(nvml=nvml)
     assert type(reader) is NvmlEnergyReader and reader.source == "nvml"
     assert "NVML energy counters on cuda:0 Fake H100" in caplog.text
@@ -240,7 +240,7 @@ def test_open_energy_reader_prefers_nvml_and_logs(caplog):
 def test_open_energy_reader_falls_back_to_unavailable_with_reason(caplog, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nvml = FakeNvml([100.0], clock=ManualClock(), init_error=FakeNvml.NVML_ERROR_DRIVER_NOT_LOADED)
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.gpu_energy"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.hardware.gpu_energy"):
         reader = open_energy_reader("auto", nvml=nvml)
     assert isinstance(reader, NullEnergyReader) and reader.source == "unavailable"
     assert "NVML error 9" in reader.reason and "cpu-estimate: disabled" in reader.reason
@@ -260,7 +260,7 @@ def test_null_reader_has_no_counters():
 def test_codecarbon_cpu_estimate_is_labelled_and_bounded_by_tdp(caplog):
     pytest.importorskip("codecarbon")
     nvml = FakeNvml([100.0], clock=ManualClock(), init_error=FakeNvml.NVML_ERROR_LIBRARY_NOT_FOUND)
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.gpu_energy"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.hardware.gpu_energy"):
         fallback = open_energy_reader("auto", nvml=nvml, cpu_estimate=True)
     assert fallback.source == "cpu-estimate-codecarbon"
     assert "ESTIMATE" in caplog.text and "NVML error 12" in caplog.text
@@ -281,7 +281,7 @@ def test_shared_gpu_is_detected_mig_and_foreign_processes():
     import time
     import types
 
-    from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock
+    from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock
 
     r = FakeEnergyReader(100.0, clock=ManualClock())
     assert r.sharing_note() is None  # the fake NVML has neither
@@ -320,8 +320,8 @@ def test_shared_gpu_is_detected_mig_and_foreign_processes():
 
 def test_update_period_is_measured_not_assumed():
     """Issue 6.9: the counter's period varies by GPU and driver; measure it when the reader opens."""
-    from llmco2_serve.engine_meter import EngineMeter
-    from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock, measure_update_period_s
+    from llmco2_serve.runtime.engine_meter import EngineMeter
+    from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock, measure_update_period_s
 
     for true_period in (0.02, 0.1, 0.25):
         clock = ManualClock(0.0)

@@ -8,9 +8,9 @@ import zlib
 import numpy as np
 import pytest
 
-from llmco2_serve import kernels as K
-from llmco2_serve.arch import ModelArch
-from llmco2_serve.graph import (
+from llmco2_serve.workload import kernels as K
+from llmco2_serve.workload.arch import ModelArch
+from llmco2_serve.workload.graph import (
     KERNEL_KINDS,
     SEGMENT_VARS,
     Parallelism,
@@ -19,9 +19,9 @@ from llmco2_serve.graph import (
     direct_node_costs,
     weight_params_per_layer,
 )
-from llmco2_serve.hardware import gpu_spec
-from llmco2_serve.precision import Precision
-from llmco2_serve.tinymodel import FAMILIES, tiny_config
+from llmco2_serve.hardware.gpus import gpu_spec
+from llmco2_serve.workload.precision import Precision
+from llmco2_serve.devtools.tinymodel import FAMILIES, tiny_config
 
 H100 = gpu_spec("H100")
 BF16 = Precision.from_name("bfloat16")

@@ -9,8 +9,8 @@ from importlib import resources
 
 import pytest
 
-from llmco2_serve.carbon import die_embodied_co2_kg
-from llmco2_serve.hardware import (
+from llmco2_serve.carbon.footprint import die_embodied_co2_kg
+from llmco2_serve.hardware.gpus import (
     DTYPES,
     GPUSpec,
     GPUSpecError,
@@ -193,7 +193,7 @@ def test_gpu_spec_rejects_non_string():
 
 def test_table_is_loaded_lazily_not_at_import():
     code = (
-        "import llmco2_serve.hardware as h, llmco2_serve.carbon;"
+        "import llmco2_serve.hardware.gpus as h, llmco2_serve.carbon.footprint;"
         "n = h._load_table.cache_info().currsize;"
         "h.gpu_spec('t4');"
         "print(n, h._load_table.cache_info().currsize)"

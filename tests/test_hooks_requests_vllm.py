@@ -23,10 +23,10 @@ from vllm.v1.engine.output_processor import OutputProcessor  # noqa: E402
 from vllm.v1.engine.parallel_sampling import ParentRequest  # noqa: E402
 
 from llmco2_serve.hooks import _patches, _state, api_server, http_headers  # noqa: E402
-from llmco2_serve.output_length import OutputLengthModel, OutputPrior  # noqa: E402
-from llmco2_serve.service import EnergyService, ModelInfo, make_predictor  # noqa: E402
-from llmco2_serve.settings import load_settings  # noqa: E402
-from llmco2_serve.tinymodel import tiny_config  # noqa: E402
+from llmco2_serve.workload.output_length import OutputLengthModel, OutputPrior  # noqa: E402
+from llmco2_serve.runtime.service import EnergyService, ModelInfo, make_predictor  # noqa: E402
+from llmco2_serve.runtime.settings import load_settings  # noqa: E402
+from llmco2_serve.devtools.tinymodel import tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -15,7 +15,7 @@ import vllm  # noqa: E402
 
 from llmco2_serve import hooks  # noqa: E402
 from llmco2_serve.hooks import _patches, _state, api_server, engine_core, http_headers  # noqa: E402
-from llmco2_serve.service import MEASURED_HEADER  # noqa: E402
+from llmco2_serve.runtime.service import MEASURED_HEADER  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -96,7 +96,7 @@ def test_invalid_settings_fail_open_or_raise(monkeypatch):
     assert _patches.applied() == [] and "LLMCO2_PUE" in _state.state().inactive_reason
     _state._STATE = None
     monkeypatch.setenv("LLMCO2_FAIL_OPEN", "0")
-    from llmco2_serve.settings import SettingsError
+    from llmco2_serve.runtime.settings import SettingsError
     with pytest.raises(SettingsError, match="LLMCO2_PUE"):
         hooks.register_general_plugin()
 
@@ -274,7 +274,7 @@ def test_stat_logger_is_a_stat_logger_and_builds_the_service(tmp_path):
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     from llmco2_serve.hooks.stat_logger import LLMCO2StatLogger
-    from llmco2_serve.tinymodel import tiny_config
+    from llmco2_serve.devtools.tinymodel import tiny_config
 
     assert issubclass(LLMCO2StatLogger, StatLoggerBase)
     hooks.register_general_plugin()

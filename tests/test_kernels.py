@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 import pytest
 
-from llmco2_serve import kernels as K
+from llmco2_serve.workload import kernels as K
 
 B, D_IN, D_OUT, L, N_GT, N_GPU = 2, 3, 5, 7, 4, 2
 T_DEC = N_GT - 1  # decode tokens (and passes) per sequence

@@ -36,7 +36,7 @@ from opentelemetry.sdk.resources import Resource as SdkResource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from llmco2_serve.testing import OtlpReceiver
+from llmco2_serve.devtools import OtlpReceiver
 
 PROTOBUF = "application/x-protobuf"
 TRACE_ID = bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736")
@@ -379,7 +379,7 @@ def test_dump_jsonl_and_live_jsonl_hold_every_span_and_point(tmp_path: Path) -> 
 def test_command_line_receiver_prints_and_appends_spans(tmp_path: Path) -> None:
     out = tmp_path / "cli.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmco2_serve.testing.otlp_receiver", "--port", "0", "--jsonl", str(out)],
+        [sys.executable, "-m", "llmco2_serve.devtools.otlp_receiver", "--port", "0", "--jsonl", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from llmco2_serve.output_length import OutputLengthModel, OutputPrior, load_azure_prior
+from llmco2_serve.workload.output_length import OutputLengthModel, OutputPrior, load_azure_prior
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "azure-llm-trace-2023"
 

@@ -32,7 +32,7 @@ def test_wheel_has_one_namespace(tmp_path):
 
 def test_core_imports_without_vllm_or_torch():
     code = ("import sys; sys.modules['vllm'] = None; sys.modules['torch'] = None\n"
-            "from llmco2_serve.predictor import Predictor\n"
+            "from llmco2_serve.prediction.predictor import Predictor\n"
             "p = Predictor.from_config({'model_type': 'qwen2', 'hidden_size': 896, 'intermediate_size': 4864,"
             " 'num_hidden_layers': 24, 'num_attention_heads': 14, 'num_key_value_heads': 2, 'vocab_size': 151936,"
             " 'torch_dtype': 'bfloat16'}, gpu='L4')\n"

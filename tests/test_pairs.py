@@ -20,8 +20,8 @@ import time
 import pytest
 
 from llmco2_serve.cli import packaged_training_data
-from llmco2_serve.pairs import PairsWriter
-from llmco2_serve.records import RecordError, is_cut_off_row, load_records
+from llmco2_serve.runtime.pairs import PairsWriter
+from llmco2_serve.prediction.records import RecordError, is_cut_off_row, load_records
 
 
 def _rows(n: int | None = None) -> list[dict]:
@@ -88,7 +88,7 @@ def test_write_never_blocks_the_caller_and_drops_when_the_queue_is_full(tmp_path
 
 
 def test_rows_are_written_on_the_writer_thread(tmp_path, monkeypatch):
-    import llmco2_serve.pairs as pairs
+    import llmco2_serve.runtime.pairs as pairs
 
     seen: list[str] = []
     real = pairs._write_all
@@ -103,7 +103,7 @@ def test_rows_are_written_on_the_writer_thread(tmp_path, monkeypatch):
 def test_full_disk_switches_off_with_one_warning(caplog):
     """/dev/full accepts open() and fails every write with ENOSPC."""
     w = PairsWriter("/dev/full")
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.pairs"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.runtime.pairs"):
         for r in _rows(5):
             w.write(r)
         _wait(lambda: w.failed_reason is not None)
@@ -166,7 +166,7 @@ def test_partial_last_line_is_ended_before_appending(tmp_path, caplog):
     full = json.dumps(rows[0]) + "\n" + json.dumps(rows[1])
     path.write_text(full[:-25])  # the second row cut off mid-line, no newline
     w = PairsWriter(str(path))
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.pairs"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.runtime.pairs"):
         w.write(rows[2])
         w.write(rows[3])
         w.close()
@@ -193,7 +193,7 @@ def test_complete_file_is_not_touched(tmp_path):
 _CHILD = r"""
 import json, sys, time
 from llmco2_serve.cli import packaged_training_data
-from llmco2_serve.pairs import PairsWriter
+from llmco2_serve.runtime.pairs import PairsWriter
 rows = [json.loads(l) for l in open(packaged_training_data()) if l.strip()]
 w = PairsWriter(sys.argv[1], max_queue=64)
 i = 0
@@ -273,7 +273,7 @@ def test_default_warning_goes_to_the_log(tmp_path, caplog):
     rows = _rows(2)
     p = tmp_path / "r.jsonl"
     p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:80])
-    with caplog.at_level(logging.WARNING, logger="llmco2_serve.records"):
+    with caplog.at_level(logging.WARNING, logger="llmco2_serve.prediction.records"):
         assert len(load_records(p)) == 1
     assert "skipped 1 row(s) cut off" in caplog.text
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llmco2_serve.precision import DTYPE_CHOICES, Precision, PrecisionError, normalize_dtype, quantization_dtype
+from llmco2_serve.workload.precision import DTYPE_CHOICES, Precision, PrecisionError, normalize_dtype, quantization_dtype
 
 
 @pytest.mark.parametrize(
@@ -191,9 +191,9 @@ def test_mxfp4_expert_bytes_equal_the_packed_tensors_transformers_loads():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     mx = pytest.importorskip("transformers.integrations.mxfp4")
-    from llmco2_serve.arch import ModelArch
-    from llmco2_serve.graph import build_layer_template
-    from llmco2_serve.hardware import gpu_spec
+    from llmco2_serve.workload.arch import ModelArch
+    from llmco2_serve.workload.graph import build_layer_template
+    from llmco2_serve.hardware.gpus import gpu_spec
 
     cfg = transformers.GptOssConfig(hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_local_experts=4,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512)

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from llmco2_serve.arch import ArchitectureError
-from llmco2_serve.carbon import CarbonSettings, operational_co2_g
-from llmco2_serve.hardware import UnknownGPUError
-from llmco2_serve.predictor import Predictor
+from llmco2_serve.workload.arch import ArchitectureError
+from llmco2_serve.carbon.footprint import CarbonSettings, operational_co2_g
+from llmco2_serve.hardware.gpus import UnknownGPUError
+from llmco2_serve.prediction.predictor import Predictor
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}
@@ -92,7 +92,7 @@ def test_step_costs_rank_work(predictor):
 
 
 def test_bf16_model_on_t4_is_priced_in_fp16():
-    from llmco2_serve.hardware import gpu_spec
+    from llmco2_serve.hardware.gpus import gpu_spec
 
     p = Predictor.from_config(LLAMA_8B, gpu="Tesla T4")
     assert p._template.peak_ops_per_s == gpu_spec("t4").peak_flops_per_s("float16")

@@ -1,4 +1,4 @@
-"""Start-up checks (llmco2_serve.preflight) and what the plugin does with them at registration.
+"""Start-up checks (llmco2_serve.runtime.preflight) and what the plugin does with them at registration.
 
 NVML is really absent on this machine (pynvml is installed, the driver library is not), so the
 ``nvml`` cases use the real failure; the positive case uses gpu_energy.FakeNvml (no GPU here).
@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from llmco2_serve import preflight
-from llmco2_serve.gpu_energy import EnergyReaderError, FakeNvml, NvmlEnergyReader
-from llmco2_serve.settings import load_settings
+from llmco2_serve.runtime import preflight
+from llmco2_serve.hardware.gpu_energy import EnergyReaderError, FakeNvml, NvmlEnergyReader
+from llmco2_serve.runtime.settings import load_settings
 
 
 def _nvml_missing() -> bool:
@@ -203,7 +203,7 @@ def test_stat_logger_reports_predictions_only_when_they_change(hooks_env, caplog
 
     from llmco2_serve import hooks
     from llmco2_serve.hooks.stat_logger import LLMCO2StatLogger
-    from llmco2_serve.tinymodel import tiny_config
+    from llmco2_serve.devtools.tinymodel import tiny_config
 
     hooks.register_general_plugin()
     cfg = {**tiny_config("llama"), "torch_dtype": "float32"}

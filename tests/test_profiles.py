@@ -51,7 +51,7 @@ def test_eval_loao_on_records_with_only_a_request_energy(tmp_path, capsys):
 def test_training_on_request_energy_only_fits_the_measurements():
     from llmco2_serve.predictors.dataset import samples_from_records
     from llmco2_serve.predictors.train import TrainConfig, predict_samples, train_gnn
-    from llmco2_serve.records import parse_record
+    from llmco2_serve.prediction.records import parse_record
 
     rows = _request_only_rows({"llama3.2-1b", "llama3.1-8b", "qwen2-1.5b", "qwen2-7b"})
     samples = samples_from_records([parse_record(r, "row", i) for i, r in enumerate(rows)])
@@ -79,7 +79,7 @@ def test_unsupported_architectures_are_counted_and_skipped_per_model(tmp_path, c
 
 
 def test_profiles_load_their_own_weights_and_metadata():
-    from llmco2_serve.predictor import DEFAULT_PROFILE, PROFILES, Predictor, WeightsError, load_weights
+    from llmco2_serve.prediction.predictor import DEFAULT_PROFILE, PROFILES, Predictor, WeightsError, load_weights
 
     assert DEFAULT_PROFILE == "vllm" and {"vllm", "hf-eager"} <= set(PROFILES)
     for name in ("vllm", "hf-eager"):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from llmco2_serve import metrics
-from llmco2_serve.records import RecordError, load_records
+from llmco2_serve.reporting import metrics
+from llmco2_serve.prediction.records import RecordError, load_records
 
 ROW = {"model": "m", "arch": {"model_type": "llama"}, "dtype": "bfloat16", "gpu": "NVIDIA H200", "n_gpu": 1,
        "batch": 1, "prompt_len": 10, "gen_tokens": 2, "request_energy_j": 3.0}

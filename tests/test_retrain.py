@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from llmco2_serve.cli import main
-from llmco2_serve.predictor import Predictor, load_weights
-from llmco2_serve.retrain import is_held_out, retrain
-from llmco2_serve.service import EnergyService, ModelInfo
-from llmco2_serve.settings import Settings
-from llmco2_serve.tinymodel import tiny_config
+from llmco2_serve.prediction.predictor import Predictor, load_weights
+from llmco2_serve.prediction.retrain import is_held_out, retrain
+from llmco2_serve.runtime.service import EnergyService, ModelInfo
+from llmco2_serve.runtime.settings import Settings
+from llmco2_serve.devtools.tinymodel import tiny_config
 
 EPOCHS = 100
 
@@ -238,7 +238,7 @@ def test_corrupt_file_keeps_old_weights_logs_once_and_counts(tmp_path, caplog):
         with open(tmp, "wb") as f:
             f.write(b"PK\x03\x04 this is not a weights file")
         os.replace(tmp, cur)
-        with caplog.at_level(logging.WARNING, logger="llmco2_serve.service"):
+        with caplog.at_level(logging.WARNING, logger="llmco2_serve.runtime.service"):
             assert svc.check_weights_file() is False
             assert svc.check_weights_file() is None  # the same broken file is not retried
             svc.reload_weights(cur)  # an explicit retry fails the same way, not logged again
@@ -347,7 +347,7 @@ def test_scheduled_retrain_publishes_and_the_service_reloads(published, tmp_path
 
 
 def test_reload_and_retrain_settings_are_validated():
-    from llmco2_serve.settings import SettingsError, load_settings
+    from llmco2_serve.runtime.settings import SettingsError, load_settings
 
     s = load_settings({"LLMCO2_WEIGHTS": "/w/current.npz", "LLMCO2_RELOAD_INTERVAL_S": "5",
                        "LLMCO2_RETRAIN_INTERVAL_S": "3600", "LLMCO2_PAIRS_INCLUDE_FAKE": "1"})

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from llmco2_serve.arch import ModelArch
+from llmco2_serve.workload.arch import ModelArch
 from llmco2_serve.predictors.sampling import (
     DEFAULT_RANGES,
     AnalyticSimulatorOracle,
@@ -22,7 +22,7 @@ from llmco2_serve.predictors.sampling import (
     simulated_phase_energy_j,
     split_train_test,
 )
-from llmco2_serve.records import RecordError, parse_record
+from llmco2_serve.prediction.records import RecordError, parse_record
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "llmco2_serve", "data")
 LLAMA_1B = prior_architectures()["llama3.2-1b"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from llmco2_serve import serverctl
-from llmco2_serve.serverctl import (
+from llmco2_serve.devtools import serverctl
+from llmco2_serve.devtools.serverctl import (
     Launcher,
     LauncherNotFoundError,
     ServerProcess,
@@ -363,7 +363,7 @@ def test_server_gets_sigterm_when_its_parent_dies(tmp_path):
     driver.write_text(textwrap.dedent(
         f"""
         import sys, time
-        from llmco2_serve.serverctl import ServerProcess, free_port
+        from llmco2_serve.devtools.serverctl import ServerProcess, free_port
         port = free_port()
         s = ServerProcess([sys.executable, {str(script)!r}, str(port)], port=port,
                           env={{"PID_FILE": {str(pid_file)!r}}}, log_path={str(tmp_path / "d.log")!r},

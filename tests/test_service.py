@@ -13,14 +13,14 @@ import math
 import numpy as np
 import pytest
 
-from llmco2_serve.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
-from llmco2_serve.output_length import OutputLengthModel, OutputPrior
-from llmco2_serve.records import parse_record
-from llmco2_serve.service import (
+from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
+from llmco2_serve.workload.output_length import OutputLengthModel, OutputPrior
+from llmco2_serve.prediction.records import parse_record
+from llmco2_serve.runtime.service import (
     ERROR_ATTRIBUTE, EnergyService, EngineMeter, ModelInfo, decode_measured, encode_measured, make_predictor,
 )
-from llmco2_serve.settings import load_settings
-from llmco2_serve.tinymodel import tiny_config
+from llmco2_serve.runtime.settings import load_settings
+from llmco2_serve.devtools.tinymodel import tiny_config
 
 STEP_S = 0.125
 STEP_J = 12.5
@@ -302,8 +302,8 @@ def test_mixed_step_weights_read_the_weights_once_per_step():
     """Issue 6.4: one 512-token chunk with 32 decode rows (Llama-3.1-8B, H100). Outside truths:
     the published parameter count (8,030,261,248, bf16) read once at the H100 SXM's 3.35 TB/s,
     and 2 x parameters FLOPs per token at its 989 TFLOP/s dense bf16 peak."""
-    from llmco2_serve.predictor import Predictor
-    from llmco2_serve.step_costs import StepCostModel
+    from llmco2_serve.prediction.predictor import Predictor
+    from llmco2_serve.workload.step_costs import StepCostModel
 
     p = Predictor.from_config(LLAMA_31_8B, gpu="h100")
     costs = StepCostModel.from_predictor(p)
@@ -323,8 +323,8 @@ def test_mixed_step_weights_read_the_weights_once_per_step():
 
 
 def test_decode_row_fast_path_matches_the_vectorised_rows():
-    from llmco2_serve.predictor import Predictor
-    from llmco2_serve.step_costs import StepCostModel
+    from llmco2_serve.prediction.predictor import Predictor
+    from llmco2_serve.workload.step_costs import StepCostModel
 
     cfg = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "sliding_window": 4096,
@@ -484,7 +484,7 @@ def test_predicted_metrics_are_recorded_in_sums(predictor, tmp_path):
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from llmco2_serve.telemetry import EnergyMetrics
+    from llmco2_serve.runtime.telemetry import EnergyMetrics
 
     reader = InMemoryMetricReader()
     metrics = EnergyMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
@@ -548,8 +548,8 @@ def test_a_span_that_said_pending_gets_its_final_value_through_the_late_hook(pre
 def test_pure_python_chunk_costs_equal_the_kernel_graph(cfg_extra, attention):
     """The step loop prices prefill chunks in pure Python; the kernel graph (whose FLOPs equal
     FlopCounterMode on the HF models) is the reference."""
-    from llmco2_serve.predictor import Predictor
-    from llmco2_serve.step_costs import StepCostModel
+    from llmco2_serve.prediction.predictor import Predictor
+    from llmco2_serve.workload.step_costs import StepCostModel
 
     cfg = {**LLAMA_31_8B, **cfg_extra}
     if cfg_extra:

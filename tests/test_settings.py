@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llmco2_serve.settings import (
+from llmco2_serve.runtime.settings import (
     ENERGY_READER_MODES, Settings, SettingsError, fail_open_from_env, load_settings, unknown_variables,
 )
 
@@ -97,14 +97,14 @@ def test_settings_is_frozen_and_covers_every_variable():
     s = load_settings({})
     with pytest.raises(AttributeError):
         s.pue = 2.0  # type: ignore[misc]
-    from llmco2_serve.settings import _PARSERS
+    from llmco2_serve.runtime.settings import _PARSERS
     from dataclasses import fields
     assert {f.name for f in fields(Settings)} == set(_PARSERS) | {"config_file"}
     assert ENERGY_READER_MODES == ("auto", "nvml", "cpu-estimate", "fake", "off")  # fake: test-only reader
 
 
 def test_otlp_metrics_endpoint_is_a_base_url():
-    from llmco2_serve.settings import SettingsError, load_settings
+    from llmco2_serve.runtime.settings import SettingsError, load_settings
 
     assert load_settings({"LLMCO2_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4318/"}).otlp_metrics_endpoint == \
         "http://127.0.0.1:4318"

@@ -1,5 +1,5 @@
 """OpenTelemetry output: builders, metrics, request spans and provider set-up, checked with the
-real SDK and a real local OTLP/HTTP collector (llmco2_serve.testing.OtlpReceiver)."""
+real SDK and a real local OTLP/HTTP collector (llmco2_serve.devtools.OtlpReceiver)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from llmco2_serve import telemetry as tm
-from llmco2_serve.telemetry import (
+from llmco2_serve.runtime import telemetry as tm
+from llmco2_serve.runtime.telemetry import (
     EnergyMetrics,
     configure_otel,
     context_attributes,
@@ -33,7 +33,7 @@ from llmco2_serve.telemetry import (
     relative_error,
     span_to_dict,
 )
-from llmco2_serve.testing import OtlpReceiver
+from llmco2_serve.devtools import OtlpReceiver
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -588,7 +588,7 @@ _HOST_SCRIPT = textwrap.dedent(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from llmco2_serve import telemetry as tm
+    from llmco2_serve.runtime import telemetry as tm
 
     mode, port = sys.argv[1], sys.argv[2]
     spans, reader = InMemorySpanExporter(), InMemoryMetricReader()

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from llmco2_serve.tinymodel import FAMILIES, build_tiny_model, tiny_config
+from llmco2_serve.devtools.tinymodel import FAMILIES, build_tiny_model, tiny_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

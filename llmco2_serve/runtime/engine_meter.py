@@ -1,6 +1,6 @@
 """Engine-core side of the plugin: per-step rows in, per-request measured energy out.
 
-:class:`EngineMeter` feeds an :class:`~llmco2_serve.attribution.EnergyAttributor` from the
+:class:`EngineMeter` feeds an :class:`~llmco2_serve.runtime.attribution.EnergyAttributor` from the
 scheduler's step boundaries (``hooks/engine_core.py``); it is independent of vLLM.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .attribution import EnergyAttributor, MeasuredEnergy
-from .gpu_energy import EnergyReader, measure_update_period_s
-from .step_costs import StepCostModel
+from llmco2_serve.runtime.attribution import EnergyAttributor, MeasuredEnergy
+from llmco2_serve.hardware.gpu_energy import EnergyReader, measure_update_period_s
+from llmco2_serve.workload.step_costs import StepCostModel
 
 __all__ = ["EngineMeter", "StepRow"]
 
@@ -32,7 +32,7 @@ class EngineMeter:
     Call :meth:`step_started` when a step was scheduled (its rows) and :meth:`step_finished`
     with the same key when its compute is done; the step's interval and its work go to the
     attributor. Row weights: each row's own cost plus an even share of the step's shared weight
-    reads (:class:`~llmco2_serve.step_costs.StepCostModel`), or the token count while no
+    reads (:class:`~llmco2_serve.workload.step_costs.StepCostModel`), or the token count while no
     predictor is set.
 
     Async scheduling: vLLM schedules step N+1 before step N's output is processed, so a request

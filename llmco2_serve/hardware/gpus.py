@@ -23,7 +23,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .carbon import die_embodied_co2_kg
+from llmco2_serve.carbon.footprint import die_embodied_co2_kg
 
 __all__ = [
     "DTYPES",

@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m llmco2_serve.demo [--model DIR | --family llama] [--requests 12]
+    python -m llmco2_serve.devtools.demo [--model DIR | --family llama] [--requests 12]
                                 [--trace conv|code] [--out DIR]
 
 Without ``--model`` it builds a tiny random-weight model (CPU). It starts a local OTLP/HTTP
@@ -559,7 +559,7 @@ def _context_summary(spans_by_trace_id: Mapping[str, Mapping[str, Any]]) -> str 
 
 def _parse_args(argv: Sequence[str] | None, cpu: bool) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m llmco2_serve.demo",
+        prog="python -m llmco2_serve.devtools.demo",
         description="Replay an Azure trace slice against vLLM with the llmco2 plugin; print predicted vs measured energy and CO2 per request.",
     )
     src = p.add_mutually_exclusive_group()
@@ -596,8 +596,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llmco2_serve import serverctl
-    from llmco2_serve.testing.otlp_receiver import OtlpReceiver
+    from llmco2_serve.devtools import serverctl
+    from llmco2_serve.devtools.otlp_receiver import OtlpReceiver
 
     cpu = serverctl.is_cpu_build()
     args = _parse_args(argv, cpu)
@@ -617,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model:
         model_dir = args.model
     else:
-        from llmco2_serve.tinymodel import build_tiny_model
+        from llmco2_serve.devtools.tinymodel import build_tiny_model
 
         print(f"building tiny random-weight {args.family} model in {out / ('model-' + args.family)} ...", flush=True)
         model_dir = str(build_tiny_model(out / f"model-{args.family}", args.family))

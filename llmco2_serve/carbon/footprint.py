@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:  # hardware imports this module; the type is only needed for annotations
-    from .hardware import GPUSpec
+    from llmco2_serve.hardware.gpus import GPUSpec
 
 __all__ = [
     "J_PER_KWH",

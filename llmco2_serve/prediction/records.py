@@ -130,7 +130,7 @@ def load_records(path: str | os.PathLike, *, warn: Callable[[str], None] | None 
     One kind of bad line is skipped instead, each counted in one warning (``warn``, default the
     module logger): a row *cut off* by a crash, i.e. a strict prefix of a well-formed JSON object
     (see :func:`is_cut_off_row`). That is the file's final line when the writer died mid-row, or a
-    line a later :class:`~llmco2_serve.pairs.PairsWriter` ended with a newline before appending
+    line a later :class:`~llmco2_serve.runtime.pairs.PairsWriter` ended with a newline before appending
     (its repair). Any other invalid line, anywhere, is an error.
     """
     path = os.fspath(path)

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .settings import PREFIX, Settings, SettingsError, fail_open_from_env, load_settings
+from llmco2_serve.runtime.settings import PREFIX, Settings, SettingsError, fail_open_from_env, load_settings
 
 __all__ = ["Problem", "PreflightError", "preflight", "check_settings", "effective_settings"]
 
@@ -102,7 +102,7 @@ def fail_open(settings: Settings | None, environ: Mapping[str, str] | None = Non
 # ---------------------------------------------------------------------------------- checks
 def _check_energy_reader(mode: str, nvml: Any) -> str | None:
     if mode == "nvml":
-        from .gpu_energy import EnergyReaderError, NvmlEnergyReader
+        from llmco2_serve.hardware.gpu_energy import EnergyReaderError, NvmlEnergyReader
 
         try:
             # The first visible GPU: proves NVML and the total-energy counter work on this host

@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from .attribution import MeasuredEnergy
-from .carbon import operational_co2_g
-from .gpu_energy import EnergyReaderError, NvmlEnergyReader
-from .output_length import OutputLengthModel
-from .settings import Settings
-from . import telemetry as tm
+from llmco2_serve.runtime.attribution import MeasuredEnergy
+from llmco2_serve.carbon.footprint import operational_co2_g
+from llmco2_serve.hardware.gpu_energy import EnergyReaderError, NvmlEnergyReader
+from llmco2_serve.workload.output_length import OutputLengthModel
+from llmco2_serve.runtime.settings import Settings
+from llmco2_serve.runtime import telemetry as tm
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,10 @@ def make_predictor(settings: Settings, model: ModelInfo, gpu_names: Sequence[str
                    factory: Callable[..., Any] | None = None) -> PredictorChoice:
     """Build the predictor for the detected GPU (else the configured one). Never raises for an
     unknown architecture, GPU or dtype: returns ``predictor=None`` and the reason."""
-    from .arch import ArchitectureError
-    from .hardware import GPUSpecError, UnknownGPUError, resolve_gpu
-    from .precision import PrecisionError
-    from .predictor import Predictor, WeightsError
+    from llmco2_serve.workload.arch import ArchitectureError
+    from llmco2_serve.hardware.gpus import GPUSpecError, UnknownGPUError, resolve_gpu
+    from llmco2_serve.workload.precision import PrecisionError
+    from llmco2_serve.prediction.predictor import Predictor, WeightsError
 
     s = settings
     source = "detected" if gpu_names else "configured"
@@ -319,7 +319,7 @@ class EnergyService:
     def _build_calibrator(self) -> None:
         """This deployment's calibrator, restored from its file next to the pairs file (a changed
         deployment starts afresh, calibration.py)."""
-        from .calibration import Calibrator, DeploymentKey
+        from llmco2_serve.prediction.calibration import Calibrator, DeploymentKey
 
         m = self.model
         key = DeploymentKey(model=m.model_name or "unknown", gpu=str(self.gpu_label), n_gpu=max(1, m.n_gpu),
@@ -375,7 +375,7 @@ class EnergyService:
 
     def _build_table(self) -> None:
         """Tabulate the predictor over this deployment's (batch, prompt, output) range."""
-        from .fast_predict import PredictionTable
+        from llmco2_serve.prediction.fast_predict import PredictionTable
 
         m, cap = self.model, self.settings.max_tokens_cap
         try:
@@ -710,7 +710,7 @@ class EnergyService:
         """One final (prediction, NVML measurement) row in the records format of shared/README.md,
         written by a background writer (never on the API event loop)."""
         if self._pairs is None:
-            from .pairs import PairsWriter
+            from llmco2_serve.runtime.pairs import PairsWriter
 
             self._pairs = PairsWriter(self.settings.pairs_path)
         if not self._pairs.enabled:
@@ -817,7 +817,7 @@ class EnergyService:
         import dataclasses
         import io
 
-        from .predictor import EmbeddedWeights, Predictor, WeightsError
+        from llmco2_serve.prediction.predictor import EmbeddedWeights, Predictor, WeightsError
 
         with self._reload_lock:
             self._reload_retry = False
@@ -851,7 +851,7 @@ class EnergyService:
                 cal = self.calibrator
                 new_cal = None
                 if cal is not None:
-                    from .calibration import Calibrator
+                    from llmco2_serve.prediction.calibration import Calibrator
 
                     key = dataclasses.replace(cal.key, predictor=label)
                     pairs = self.settings.pairs_path
@@ -882,7 +882,7 @@ class EnergyService:
 
     def _table_for(self, predictor: Any) -> Any:
         """A prediction table over this deployment's range (the same as _build_table's) for ``predictor``."""
-        from .fast_predict import PredictionTable
+        from llmco2_serve.prediction.fast_predict import PredictionTable
 
         m, cap = self.model, self.settings.max_tokens_cap
         return PredictionTable(
@@ -979,4 +979,4 @@ def _clip0(x: Any) -> float | None:
 
 
 # EngineMeter lives in engine_meter.py (engine-core side); re-exported here for old imports.
-from .engine_meter import EngineMeter, StepRow  # noqa: E402,F401
+from llmco2_serve.runtime.engine_meter import EngineMeter, StepRow  # noqa: E402,F401

@@ -105,7 +105,7 @@ Failures
     no longer close, is *lost*: estimated with the latest ``k_d`` and counted 100% in
     ``uncertainty_j``. Requests with some measured and some lost work get
     ``source = "<reader source>-partial"``; requests with nothing measured (every request under
-    :class:`~llmco2_serve.gpu_energy.NullEnergyReader`) get ``source = "unavailable"`` and NaN
+    :class:`~llmco2_serve.hardware.gpu_energy.NullEnergyReader`) get ``source = "unavailable"`` and NaN
     energies and uncertainty (NaN rather than None so that the fields stay ``float``).
 
 Hot path
@@ -127,7 +127,7 @@ from typing import Literal
 
 import numpy as np
 
-from llmco2_serve.gpu_energy import EnergyReader, EnergyReaderError
+from llmco2_serve.hardware.gpu_energy import EnergyReader, EnergyReaderError
 
 logger = logging.getLogger(__name__)
 

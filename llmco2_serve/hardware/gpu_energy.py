@@ -13,7 +13,7 @@ device, millijoules since an arbitrary origin, never decreasing. NVML's
 ``nvmlDeviceGetTotalEnergyConsumption`` (Volta and newer) moves in coarse steps: on H100/H200
 it changes about every 100 ms (``update_period_s``), and reads between two updates return the
 same value. Callers must therefore treat energy as known only per *window* between two reads
-at which the value changed (see :mod:`llmco2_serve.attribution`).
+at which the value changed (see :mod:`llmco2_serve.runtime.attribution`).
 
 Device indices and ``CUDA_VISIBLE_DEVICES``: ``device_indices`` are CUDA ordinals as the
 serving process sees them (``cuda:0`` is index 0). When ``CUDA_VISIBLE_DEVICES`` is set, entry

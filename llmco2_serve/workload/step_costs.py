@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .graph import FLASH_QUERY_TILE as _FLASH_QUERY_TILE
-from .graph import KIND_INDEX, Segment
+from llmco2_serve.workload.graph import FLASH_QUERY_TILE as _FLASH_QUERY_TILE
+from llmco2_serve.workload.graph import KIND_INDEX, Segment
 
 __all__ = ["StepCostModel"]
 

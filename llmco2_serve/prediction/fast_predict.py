@@ -111,7 +111,7 @@ class PredictionTable:
     """A deployment's predictions over a (batch, prompt, generated) grid (module docstring).
 
     Args:
-        predictor: a :class:`~llmco2_serve.predictor.Predictor` (needs ``predict_phases``,
+        predictor: a :class:`~llmco2_serve.prediction.predictor.Predictor` (needs ``predict_phases``,
             ``co2_g_per_j`` and ``embodied_co2_g_per_s``).
         max_batch, max_prompt_len, max_gen_tokens: the grid's upper corners (inclusive).
         points_per_doubling: grid density (module docstring).

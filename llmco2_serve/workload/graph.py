@@ -27,9 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import kernels as K
-from .arch import ModelArch
-from .precision import Precision
+from llmco2_serve.workload import kernels as K
+from llmco2_serve.workload.arch import ModelArch
+from llmco2_serve.workload.precision import Precision
 
 KERNEL_KINDS = (
     "norm", "q_proj", "k_proj", "v_proj", "qk_norm", "attention", "matmul_qk", "softmax", "matmul_sv",
@@ -488,7 +488,7 @@ def _build_template_cached(arch: ModelArch, precision: Precision, parallelism: P
 
 def build_layer_template(arch: ModelArch, precision: Precision, gpu, parallelism: Parallelism | None = None,
                          attention: str = "fused") -> LayerTemplate:
-    """The cached static graph for one layer on ``gpu`` (a :class:`~llmco2_serve.hardware.GPUSpec`)."""
+    """The cached static graph for one layer on ``gpu`` (a :class:`~llmco2_serve.hardware.gpus.GPUSpec`)."""
     parallelism = parallelism or Parallelism()
     compute = precision.compute_dtype
     if not gpu.supports(compute):

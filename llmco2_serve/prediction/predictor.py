@@ -18,13 +18,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .arch import ModelArch, load_hf_config
-from .carbon import CarbonSettings, embodied_co2_g, operational_co2_g
-from .graph import Parallelism, Segment, build_layer_template
-from .hardware import GPUSpec, resolve_gpu
-from .precision import Precision
-from .predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES, Standardizer, featurize
-from .predictors.gnn_numpy import NumpyGNN, mean_adjacency
+from llmco2_serve.workload.arch import ModelArch, load_hf_config
+from llmco2_serve.carbon.footprint import CarbonSettings, embodied_co2_g, operational_co2_g
+from llmco2_serve.workload.graph import Parallelism, Segment, build_layer_template
+from llmco2_serve.hardware.gpus import GPUSpec, resolve_gpu
+from llmco2_serve.workload.precision import Precision
+from llmco2_serve.predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES, Standardizer, featurize
+from llmco2_serve.predictors.gnn_numpy import NumpyGNN, mean_adjacency
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Predictor:
         decode energy (J), prefill time (s), decode time (s) of the whole batch.
 
         The parts :meth:`predict_many` sums (its ``time_s`` is prefill + decode time, its CO2 is
-        ``energy * co2_per_j + time * embodied_per_s``); :mod:`llmco2_serve.fast_predict`
+        ``energy * co2_per_j + time * embodied_per_s``); :mod:`llmco2_serve.prediction.fast_predict`
         tabulates them once so that the server's per-request prediction is a lookup.
         """
         pre, dec, t = self._raw(batch, prompt_len, gen_tokens)

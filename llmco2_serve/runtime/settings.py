@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .carbon import DEFAULT_INTENSITY_G_PER_KWH, DEFAULT_LIFETIME_YEARS, DEFAULT_PUE, CarbonSettings
+from llmco2_serve.carbon.footprint import DEFAULT_INTENSITY_G_PER_KWH, DEFAULT_LIFETIME_YEARS, DEFAULT_PUE, CarbonSettings
 
 __all__ = ["Settings", "SettingsError", "load_settings", "ENERGY_READER_MODES", "PREFIX"]
 
@@ -100,7 +100,7 @@ class Settings:
 
     @property
     def energy_reader_mode(self) -> str:
-        """The mode name :func:`llmco2_serve.gpu_energy.open_energy_reader` takes."""
+        """The mode name :func:`llmco2_serve.hardware.gpu_energy.open_energy_reader` takes."""
         return "none" if self.energy_reader == "off" else self.energy_reader
 
     def describe(self) -> str:
@@ -284,7 +284,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _check_gpu(settings: Settings) -> None:
-    from .hardware import GPUSpecError, UnknownGPUError, resolve_gpu
+    from llmco2_serve.hardware.gpus import GPUSpecError, UnknownGPUError, resolve_gpu
 
     try:
         resolve_gpu(settings.gpu, settings.gpu_spec_file)

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llmco2_serve.serverctl import ServerProcess, free_port
-from llmco2_serve.testing.otlp_receiver import OtlpReceiver
-from llmco2_serve.tinymodel import build_tiny_model
+from llmco2_serve.devtools.serverctl import ServerProcess, free_port
+from llmco2_serve.devtools.otlp_receiver import OtlpReceiver
+from llmco2_serve.devtools.tinymodel import build_tiny_model
 
 __all__ = ["PluginServer"]
 

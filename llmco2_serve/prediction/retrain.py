@@ -71,8 +71,8 @@ def is_held_out(row: dict, holdout: float, seed: int) -> bool:
 
 def select_pairs(path: str, *, holdout: float, seed: int, allow_fake: bool = False, warn=None) -> PairSelection:
     """Split the usable pairs of ``path`` into training and held-out records (module docstring)."""
-    from .predictors.dataset import unsupported_reason
-    from .records import RecordError, is_cut_off_row, parse_record
+    from llmco2_serve.predictors.dataset import unsupported_reason
+    from llmco2_serve.prediction.records import RecordError, is_cut_off_row, parse_record
 
     if not 0.0 < holdout < 1.0:
         raise RetrainError(f"--holdout must be in (0, 1), got {holdout}")
@@ -140,8 +140,8 @@ def select_pairs(path: str, *, holdout: float, seed: int, allow_fake: bool = Fal
 def _torch_model_from(trained):
     import torch
 
-    from .predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES
-    from .predictors.gnn import LLMCO2GNN
+    from llmco2_serve.predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES
+    from llmco2_serve.predictors.gnn import LLMCO2GNN
 
     hidden = int(np.asarray(trained.weights["lin2.weight"]).shape[1])
     model = LLMCO2GNN(len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES), hidden=hidden)
@@ -156,7 +156,7 @@ def _torch_model_from(trained):
 def _group_tensors(samples, std, layer_scaled):
     import torch
 
-    from .predictors.train import _scale, _stack, _targets
+    from llmco2_serve.predictors.train import _scale, _stack, _targets
 
     x, ei, batch, gx = _stack(samples)
     pre, dec, req, steps = _targets(samples)
@@ -192,7 +192,7 @@ def fine_tune(base, pair_samples, shipped_samples, *, epochs: int, lr: float, pa
     """A new TrainedGNN: ``base`` fine-tuned for ``epochs`` full-batch Adam steps (module docstring)."""
     import torch
 
-    from .predictors.train import TrainConfig, TrainedGNN
+    from llmco2_serve.predictors.train import TrainConfig, TrainedGNN
 
     torch.set_num_threads(1)  # tiny graphs; keeps a background retrain to one core
     torch.manual_seed(seed)
@@ -215,8 +215,8 @@ def fine_tune(base, pair_samples, shipped_samples, *, epochs: int, lr: float, pa
 
 
 def _scores(trained, samples) -> dict:
-    from .predictors.evaluate import evaluate
-    from .predictors.train import predict_samples
+    from llmco2_serve.predictors.evaluate import evaluate
+    from llmco2_serve.predictors.train import predict_samples
 
     r = evaluate(predict_samples(trained, samples), samples)
     return {k: r.get(k) for k in ("n", "mape", "eba_5", "eba_10", "eba_30")}
@@ -280,10 +280,10 @@ def retrain(pairs: str, out_dir: str, *, profile: str | None = None, weights: st
             clock=time.time) -> dict:
     """The whole retrain (module docstring); returns the JSON report. Raises RetrainError when the
     inputs cannot be used at all (no usable pairs, unreadable base weights)."""
-    from .predictor import WeightsError, load_weights, profile_info
-    from .predictors.dataset import samples_from_records, supported_records
-    from .predictors.train import trained_from_embedded
-    from .records import load_records
+    from llmco2_serve.prediction.predictor import WeightsError, load_weights, profile_info
+    from llmco2_serve.predictors.dataset import samples_from_records, supported_records
+    from llmco2_serve.predictors.train import trained_from_embedded
+    from llmco2_serve.prediction.records import load_records
 
     t0 = time.perf_counter()
     if weights and profile:
@@ -317,8 +317,11 @@ def retrain(pairs: str, out_dir: str, *, profile: str | None = None, weights: st
     train_s = samples_from_records(sel.train)
     held_s = samples_from_records(sel.held_out)
     info = profile_info(prof)
-    shipped_path = os.path.join(os.path.dirname(__file__), "data", info["data"])
-    shipped, _ = supported_records(load_records(shipped_path, warn=warn), families=info["families"],
+    from importlib import resources
+
+    with resources.as_file(resources.files("llmco2_serve.data") / info["data"]) as shipped_path:
+        shipped_records = load_records(str(shipped_path), warn=warn)
+    shipped, _ = supported_records(shipped_records, families=info["families"],
                                    warn=lambda m: None)
     shipped_s = samples_from_records(shipped)
     t_prep = time.perf_counter() - t0
@@ -336,7 +339,7 @@ def retrain(pairs: str, out_dir: str, *, profile: str | None = None, weights: st
         return refuse(f"held-out MAPE before {b:.4f} after {a:.4f}" if a is not None and b is not None
                       else "held-out MAPE could not be computed")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock())) + f"-{int(clock() * 1e6) % 1000000:06d}"
-    from .predictors.train import _sha256_of_records
+    from llmco2_serve.predictors.train import _sha256_of_records
 
     metadata = dict(base_meta)
     metadata.update(
@@ -354,7 +357,7 @@ def retrain(pairs: str, out_dir: str, *, profile: str | None = None, weights: st
         f"--epochs {epochs}" + (" --allow-fake" if allow_fake else ""),
     )
     paths = publish(out_dir, tuned, metadata, stamp)
-    from .predictor import EmbeddedWeights
+    from llmco2_serve.prediction.predictor import EmbeddedWeights
 
     report.update(status="published", label=EmbeddedWeights({}, metadata).label, **paths,
                   seconds=round(time.perf_counter() - t0, 3))

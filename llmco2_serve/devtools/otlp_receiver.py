@@ -10,7 +10,7 @@ Span dict keys: ``trace_id``/``span_id`` (lower-case hex), ``parent_span_id`` (h
 None), ``name``, ``kind`` ("internal", "server", ...), ``start_time_unix_nano``,
 ``end_time_unix_nano``, ``attributes``, ``status_code`` ("unset"|"ok"|"error"),
 ``status_message``, ``resource`` (resource attributes), ``scope`` (instrumentation scope
-name). :func:`llmco2_serve.telemetry.span_to_dict` produces the same shape from SDK spans.
+name). :func:`llmco2_serve.runtime.telemetry.span_to_dict` produces the same shape from SDK spans.
 
 Metric data point dict keys: ``name``, ``unit``, ``description``, ``type`` ("sum",
 "gauge", "histogram", "exponential_histogram", "summary"), ``attributes``,
@@ -21,7 +21,7 @@ Metric data point dict keys: ``name``, ``unit``, ``description``, ``type`` ("sum
 
 Command line (for the demo; stops on Ctrl-C)::
 
-    python -m llmco2_serve.testing.otlp_receiver --port 4318 --jsonl spans.jsonl
+    python -m llmco2_serve.devtools.otlp_receiver --port 4318 --jsonl spans.jsonl
 """
 
 from __future__ import annotations
@@ -518,7 +518,7 @@ def _span_summary(span: Record) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m llmco2_serve.testing.otlp_receiver",
+        prog="python -m llmco2_serve.devtools.otlp_receiver",
         description="Local OTLP/HTTP (protobuf) receiver; prints spans, optionally appends them to a JSON-lines file.",
     )
     parser.add_argument("--host", default="127.0.0.1")

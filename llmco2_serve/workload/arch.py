@@ -172,7 +172,7 @@ class ModelArch:
 
     def param_count(self) -> int:
         """Parameters implied by the architecture (embeddings, all layers, final norm, LM head)."""
-        from .graph import weight_params_all_layers  # local import: graph imports arch
+        from llmco2_serve.workload.graph import weight_params_all_layers  # local import: graph imports arch
 
         h = self.hidden_size
         norm_params = h * (2 if self.norm_type == "layernorm" else 1)
