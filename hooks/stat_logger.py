@@ -30,17 +30,25 @@ def ensure_service(vllm_config: Any) -> EnergyService | None:
 
         settings = st.settings
         metrics = None
-        if settings.otlp_metrics_endpoint:
+        from llmco2_serve.runtime.telemetry import standard_metrics_endpoint
+
+        # The standard OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT wins; LLMCO2_OTLP_METRICS_ENDPOINT is an alias.
+        standard = standard_metrics_endpoint()
+        if standard is not None or settings.otlp_metrics_endpoint:
             # After vLLM's own tracer set-up: configure_otel uses a host provider where there is one
             # and otherwise exports the plugin's metrics itself (never made global).
             from llmco2_serve.runtime.telemetry import EnergyMetrics, configure_otel
 
-            st.otel = configure_otel(settings.otlp_metrics_endpoint)
+            st.otel = configure_otel(None if standard is not None else settings.otlp_metrics_endpoint,
+                                     metrics_endpoint=standard)
             metrics = EnergyMetrics(st.otel.meter)
         svc = EnergyService(settings, model_info(vllm_config), metrics=metrics)
         if svc.error is not None and not settings.fail_open:
             raise RuntimeError(f"llmco2 (LLMCO2_FAIL_OPEN=0): {svc.error}")
         st.service = svc
+        if svc.prometheus is not None:  # gauges on /metrics from the start, before the first request
+            svc.prometheus.observe_service(svc, force=True)
+            svc.prometheus.record_failures({**dict.fromkeys(_patches.LEDGER, 0), **_patches.failures})
         quant = getattr(vllm_config.model_config, "quantization", None)
         logger.info("%s; vLLM quantization=%s; patches: %s", svc.describe(), quant or "none",
                     ", ".join(_patches.applied()) or "none")
@@ -78,6 +86,9 @@ class LLMCO2StatLogger(StatLoggerBase):
         svc = self.service
         if svc is None:
             return
+        if getattr(svc, "prometheus", None) is not None:
+            svc.prometheus.record_failures({**dict.fromkeys(_patches.LEDGER, 0), **_patches.failures})
+            svc.prometheus.observe_service(svc)
         svc.flush_metrics()  # predicted-energy counters are added in sums (service.py); none left behind idle
         reloads = (getattr(svc, "weights_reloads", 0), getattr(svc, "weights_reload_failures", 0))
         if reloads != self._reported_reloads:  # hot reloads of LLMCO2_WEIGHTS (service.py reload_weights)

@@ -212,6 +212,28 @@ def cmd_serve(args) -> int:
     return 0  # not reached
 
 
+def cmd_dashboard(args) -> int:
+    """``llmco2 dashboard --out FILE.json [--check [FILE]]`` (reporting/dashboard.py)."""
+    from llmco2_serve.reporting import dashboard
+
+    if args.out is None and args.check is None:
+        raise ValueError("give --out FILE.json, --check [FILE] or both")
+    built = dashboard.write_dashboard(args.out) if args.out else dashboard.build_dashboard()
+    if args.check is None:
+        print(args.out)
+        return 0
+    if args.check:
+        with open(args.check, encoding="utf-8") as f:
+            built = json.load(f)
+    problems = dashboard.check(built)
+    for p in problems:
+        print(f"llmco2 dashboard: {p}", file=sys.stderr)
+    n = len(dashboard.panel_queries(built))
+    print(f"{args.check or args.out or 'generated dashboard'}: {n} queries, "
+          f"{'all llmco2 series exported' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmco2_serve.workload.precision import DTYPE_CHOICES
 
@@ -267,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     from llmco2_serve.prediction.retrain import add_parser as add_retrain_parser
 
     add_retrain_parser(sub)  # llmco2 retrain (retrain.py)
+
+    d = sub.add_parser("dashboard", help="write the Grafana dashboard for the plugin's Prometheus series")
+    d.add_argument("--out", help="write the dashboard JSON here")
+    d.add_argument("--check", nargs="?", const="", metavar="FILE",
+                   help="fail (exit 1) when a panel queries an llmco2 series or label the plugin does not "
+                        "export: FILE, else the generated dashboard")
+    d.set_defaults(func=cmd_dashboard)
 
     s = sub.add_parser("serve", help="run vLLM's OpenAI server with the plugin (any vllm serve args)")
     s.add_argument("model")

@@ -40,6 +40,9 @@ import numpy as np
 
 from llmco2_serve.runtime.attribution import MeasuredEnergy
 from llmco2_serve.carbon.footprint import operational_co2_g
+from llmco2_serve.carbon.intensity import (
+    SOURCE_STATIC_FALLBACK, CarbonIntensitySource, IntensityError, StaticIntensity, source_from_spec,
+)
 from llmco2_serve.hardware.gpu_energy import EnergyReaderError, NvmlEnergyReader
 from llmco2_serve.workload.output_length import OutputLengthModel
 from llmco2_serve.runtime.settings import Settings
@@ -132,6 +135,9 @@ class RequestPrediction:
     uncalibrated_prefill_energy_j: float = math.nan
     uncalibrated_decode_energy_j: float = math.nan
     calibrated: bool = False
+    # Grid intensity at admission (the CO2 above uses it) and where it came from (carbon/intensity.py).
+    carbon_intensity_g_per_kwh: float = math.nan
+    carbon_intensity_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,13 @@ class EnergyService:
         self.model = model
         self.gpu_names = list(detect_gpu_names() if gpu_names is None else gpu_names)
         self.metrics = metrics if metrics is not None else tm.EnergyMetrics()
+        # The same numbers as Prometheus series on vLLM's own /metrics (reporting/prometheus.py);
+        # None without prometheus_client or with LLMCO2_PROMETHEUS=0.
+        self.prometheus: Any = None
+        if getattr(settings, "prometheus", True):
+            from llmco2_serve.reporting.prometheus import process_metrics
+
+            self.prometheus = process_metrics()
         self.output_lengths = output_lengths if output_lengths is not None else OutputLengthModel()
         self._clock = clock
         self._lock = threading.Lock()
@@ -279,6 +292,8 @@ class EnergyService:
         # Called with (request_id, measured span attributes) when the final value of a request whose
         # span said "pending" arrives (hooks: a follow-up span in the request's trace).
         self.late_measurement_hook: Callable[[str, dict[str, tm.AttributeValue]], None] | None = None
+        # Called with (request_id, measured energy J, operational CO2 g, source) for every final value.
+        self.final_value_hook: Callable[[str, float, float, str], None] | None = None
         self._span_pending: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.engine_sources: dict[int, str] = {}
         self.finals_received = 0
@@ -291,6 +306,7 @@ class EnergyService:
         self.predictor: Any = None
         self.gpu_source = "detected" if self.gpu_names else "configured"
         self.gpu_label = self.gpu_names[0] if self.gpu_names else (settings.gpu_spec_file or settings.gpu)
+        self._init_carbon_intensity()
         self._init_weights_reload()  # before the load: a file replaced during start-up is reloaded later
         self._build_predictor(predictor_factory)
         self.calibrator: Any = None
@@ -304,7 +320,7 @@ class EnergyService:
         self._table_thread: threading.Thread | None = None
         # Predicted energy is added to the OTel counters in sums, not per request (an SDK counter
         # add costs ~10 us; the counters are cumulative, so the exported totals are the same).
-        self._unrecorded = [0, 0.0, 0.0, 0.0]  # requests, prefill J, decode J, CO2 g
+        self._unrecorded = [0, 0.0, 0.0, 0.0, 0.0]  # requests, prefill J, decode J, CO2 g, embodied CO2 g
         self._recorded_at = time.monotonic()
         if prediction_table not in ("background", "now", "off"):
             raise ValueError(f"prediction_table must be 'background', 'now' or 'off', got {prediction_table!r}")
@@ -331,6 +347,31 @@ class EnergyService:
             self.calibrator = Calibrator.load(Calibrator.path_for(path, key), key)
         else:
             self.calibrator = Calibrator(key)
+
+    def _init_carbon_intensity(self) -> None:
+        """The grid-intensity source of LLMCO2_CARBON_INTENSITY (carbon/intensity.py). A source that
+        cannot be built: LLMCO2_FAIL_OPEN=0 refuses to start; otherwise the static value, labelled
+        ``static-fallback``, and the reason in ``carbon_intensity_error``. Live providers start their
+        background refresher here; requests only read its cached value."""
+        s = self.settings
+        self.carbon_intensity_error: str | None = None
+        try:
+            src: CarbonIntensitySource = source_from_spec(s.carbon_intensity, static_g_per_kwh=s.intensity_g_per_kwh)
+            src.start()
+        except IntensityError as e:
+            if not s.fail_open:
+                raise
+            self.carbon_intensity_error = f"LLMCO2_CARBON_INTENSITY={s.carbon_intensity!r}: {e}"
+            logger.warning("llmco2: %s; using %g gCO2e/kWh (static-fallback)", self.carbon_intensity_error,
+                           s.intensity_g_per_kwh)
+            src = StaticIntensity(s.intensity_g_per_kwh, source=SOURCE_STATIC_FALLBACK, detail=str(e))
+        self.carbon_intensity = src
+        logger.info("llmco2: carbon intensity: %s", src.describe())
+
+    def carbon_intensity_now(self) -> tuple[float, str]:
+        """(gCO2e/kWh, source label) the plugin would use for energy spent now (never blocks)."""
+        ci = self.carbon_intensity.at(time.time())
+        return ci.g_per_kwh, ci.source
 
     def _build_predictor(self, factory: Callable[..., Any] | None) -> None:
         choice = make_predictor(self.settings, self.model, self.gpu_names, factory)
@@ -399,8 +440,18 @@ class EnergyService:
 
     def on_request(self, request_id: str, prompt_len: int, max_tokens: int | None,
                    running_requests: int, siblings: int = 1) -> RequestPrediction | None:
-        """Predict a new request's share (module docstring). ``None`` when there is no predictor
-        or the prompt is empty; raises nothing for odd ``max_tokens``.
+        """:meth:`predict` and :meth:`record`: the prediction is kept for the request's span,
+        headers and metrics."""
+        pred = self.predict(request_id, prompt_len, max_tokens, running_requests, siblings)
+        if pred is not None:
+            self.record(pred)
+        return pred
+
+    def predict(self, request_id: str, prompt_len: int, max_tokens: int | None,
+                running_requests: int, siblings: int = 1) -> RequestPrediction | None:
+        """Predict a new request's share (module docstring), keeping nothing (admission control
+        asks what-if questions with it before the request is admitted). ``None`` when there is no
+        predictor or the prompt is empty; raises nothing for odd ``max_tokens``.
 
         ``running_requests``: sequences in flight that are not part of this request's group;
         ``siblings``: sequences of the group that arrive together (the ``n`` children of one
@@ -445,6 +496,16 @@ class EnergyService:
             energy_upper *= f
         energy = pre + dec
         oper = operational_co2_g(energy, self.settings.pue, self.settings.intensity_g_per_kwh)
+        # The table's CO2 is at the static intensity; the operational part is re-priced at the grid's
+        # intensity now (admission), the embodied part stays.
+        ci = self.carbon_intensity.at(time.time())
+        if ci.g_per_kwh != self.settings.intensity_g_per_kwh:
+            emb_upper = max(0.0, co2_upper - operational_co2_g(energy_upper, self.settings.pue,
+                                                                self.settings.intensity_g_per_kwh))
+            emb = max(0.0, co2 - oper)
+            oper = operational_co2_g(energy, self.settings.pue, ci.g_per_kwh)
+            co2 = emb + oper
+            co2_upper = emb_upper + operational_co2_g(energy_upper, self.settings.pue, ci.g_per_kwh)
         latency = self._clock() - t0
         pred = RequestPrediction(
             request_id=request_id, prompt_len=int(prompt_len), max_tokens=cap, gen_tokens=expected,
@@ -452,7 +513,13 @@ class EnergyService:
             time_s=time_s, energy_j_upper=energy_upper if energy_upper > energy else energy,
             co2_g_upper=co2_upper if co2_upper > co2 else co2, embodied_co2_g=max(0.0, co2 - oper),
             latency_s=latency, uncalibrated_prefill_energy_j=raw_pre, uncalibrated_decode_energy_j=raw_dec,
-            calibrated=calibrated)
+            calibrated=calibrated, carbon_intensity_g_per_kwh=ci.g_per_kwh, carbon_intensity_source=ci.source)
+        return pred
+
+    def record(self, pred: RequestPrediction) -> None:
+        """Keep an admitted request's prediction (span, headers, final value, metrics)."""
+        request_id, latency = pred.request_id, pred.latency_s
+        pre, dec, co2 = pred.prefill_energy_j, pred.decode_energy_j, pred.co2_g
         now = time.monotonic()
         with self._lock:
             self._pending[request_id] = pred
@@ -467,22 +534,26 @@ class EnergyService:
             acc[1] += pre
             acc[2] += dec
             acc[3] += co2
+            acc[4] += pred.embodied_co2_g
             due = now - self._recorded_at >= _RECORD_INTERVAL_S
         if due:
             self.flush_metrics()
-        return pred
 
     def flush_metrics(self) -> None:
         """Add the predictions made since the last flush to the OTel counters (one add per
         instrument and phase, whatever the number of requests). Called at most every
         ``_RECORD_INTERVAL_S`` from ``on_request``; call it before an export or on shutdown."""
         with self._lock:
-            n, pre, dec, co2 = self._unrecorded
-            self._unrecorded = [0, 0.0, 0.0, 0.0]
+            n, pre, dec, co2, embodied = self._unrecorded
+            self._unrecorded = [0, 0.0, 0.0, 0.0, 0.0]
             self._recorded_at = time.monotonic()
         if n and self.predictor is not None:
             self.metrics.record_predicted(model=self.model.model_name, predictor=self.predictor_label,
                                           prefill_energy_j=pre, decode_energy_j=dec, co2_g=co2)
+            if self.prometheus is not None:
+                self.prometheus.record_predicted(
+                    model=self.model.model_name, requests=n, prefill_energy_j=pre, decode_energy_j=dec,
+                    operational_co2_g=max(0.0, co2 - embodied), embodied_co2_g=embodied)
 
     @property
     def pending_count(self) -> int:
@@ -531,8 +602,13 @@ class EnergyService:
             self._take_final(early)
         attrs: dict[str, tm.AttributeValue] = tm.context_attributes(
             gpu=self.gpu_label, n_gpu=self.model.n_gpu, gpu_source=self.gpu_source,
-            intensity_g_per_kwh=self.settings.intensity_g_per_kwh, pue=self.settings.pue,
-            model=self.model.model_name or "unknown", predictor=self.predictor_label)
+            intensity_g_per_kwh=(pred.carbon_intensity_g_per_kwh if pred is not None
+                                 and _finite(pred.carbon_intensity_g_per_kwh) else self.settings.intensity_g_per_kwh),
+            pue=self.settings.pue, model=self.model.model_name or "unknown", predictor=self.predictor_label)
+        if pred is not None and pred.carbon_intensity_source:
+            attrs[tm.PREDICTED_CARBON_INTENSITY_G_PER_KWH] = pred.carbon_intensity_g_per_kwh
+            attrs[tm.PREDICTED_CARBON_INTENSITY_SOURCE] = attrs[tm.CARBON_INTENSITY_SOURCE] = (
+                pred.carbon_intensity_source)
         if self.error is not None:
             attrs[ERROR_ATTRIBUTE] = self.error
         if pred is not None:
@@ -566,9 +642,12 @@ class EnergyService:
         pre_m, dec_m = m.get("prefill_energy_j", math.nan), m.get("decode_energy_j", math.nan)
         energy = pre_m + dec_m if _finite(pre_m) and _finite(dec_m) else m.get("energy_j", math.nan)
         # Measured CO2 is operational only (energy x PUE x intensity); embodied carbon cannot be
-        # measured and is its own attribute (llmco2.predicted.embodied_co2_g).
-        co2 = (operational_co2_g(max(0.0, energy), self.settings.pue, self.settings.intensity_g_per_kwh)
+        # measured and is its own attribute (llmco2.predicted.embodied_co2_g). Intensity: at finish.
+        ci = self.carbon_intensity.at(time.time())
+        co2 = (operational_co2_g(max(0.0, energy), self.settings.pue, ci.g_per_kwh)
                if _finite(energy) else math.nan)
+        attrs[tm.MEASURED_CARBON_INTENSITY_G_PER_KWH] = ci.g_per_kwh
+        attrs[tm.CARBON_INTENSITY_SOURCE] = ci.source
         attrs.update(tm.measured_attributes(
             prefill_energy_j=_clip0(pre_m), decode_energy_j=_clip0(dec_m), energy_j=_clip0(energy),
             co2_g=_clip0(co2), source=str(m.get("source") or tm.MEASURED_SOURCE_UNAVAILABLE),
@@ -606,6 +685,8 @@ class EnergyService:
                         self.finals_missed += 1
             if not early:
                 self._take_final(row)
+        if self.prometheus is not None:  # intensity and calibration gauges (rate-limited inside)
+            self.prometheus.observe_service(self)
         return n
 
     def _take_final(self, row: Sequence[Any]) -> None:
@@ -629,13 +710,24 @@ class EnergyService:
         if pre is None or dec is None:
             return
         energy = pre + dec
-        co2 = operational_co2_g(max(0.0, energy), self.settings.pue, self.settings.intensity_g_per_kwh)
-        self.metrics.record_measured(
+        ci = self.carbon_intensity.at(time.time())  # the final value comes ~one counter period after finish
+        co2 = operational_co2_g(max(0.0, energy), self.settings.pue, ci.g_per_kwh)
+        errors = self.metrics.record_measured(
             model=self.model.model_name, source=str(source), prefill_energy_j=max(0.0, pre),
             decode_energy_j=max(0.0, dec), co2_g=co2,
             predicted_prefill_energy_j=pred.prefill_energy_j if pred is not None and completed else None,
             predicted_decode_energy_j=pred.decode_energy_j if pred is not None and completed else None)
+        if self.prometheus is not None:
+            self.prometheus.record_measured(model=self.model.model_name, prefill_energy_j=max(0.0, pre),
+                                            decode_energy_j=max(0.0, dec), operational_co2_g=co2,
+                                            relative_errors=errors)
         self.measured_energy_j += max(0.0, pre) + max(0.0, dec)
+        fv_hook = self.final_value_hook
+        if fv_hook is not None:  # admission control settles the request's budget reservation
+            try:
+                fv_hook(rid, max(0.0, energy), co2, str(source))
+            except Exception as e:  # noqa: BLE001 - fail-open: metrics and pairs still go out
+                logger.debug("llmco2: final_value_hook failed: %s", e)
         with self._lock:
             late = self._span_pending.pop(rid, "no") is None
         hook = self.late_measurement_hook
@@ -644,6 +736,8 @@ class EnergyService:
                 prefill_energy_j=max(0.0, pre), decode_energy_j=max(0.0, dec), energy_j=max(0.0, pre) + max(0.0, dec),
                 co2_g=co2, source=str(source), uncertainty_j=_clip0(unc))
             attrs["llmco2.measured.final"] = True
+            attrs[tm.MEASURED_CARBON_INTENSITY_G_PER_KWH] = ci.g_per_kwh
+            attrs[tm.CARBON_INTENSITY_SOURCE] = ci.source
             try:
                 hook(rid, attrs)
             except Exception as e:  # noqa: BLE001 - fail-open: telemetry never breaks accounting
@@ -690,12 +784,18 @@ class EnergyService:
                     cur = float(values[i])
                     if cur > prev:
                         self.metrics.record_gpu_energy(gpu=key, kind=kind, energy_j=cur - prev)
+                        if self.prometheus is not None:
+                            self.prometheus.record_gpu_energy(model=self.model.model_name, gpu=key, kind=kind,
+                                                              energy_j=cur - prev)
                         self._books[(kind, key)] = cur
         unrep = books.get("unreported_j")
         if unrep is not None:
             prev = self._books.get(("unreported", str(engine)), 0.0)
             if float(unrep) > prev:
                 self.metrics.record_gpu_energy(gpu=f"{engine}:all", kind="unreported", energy_j=float(unrep) - prev)
+                if self.prometheus is not None:
+                    self.prometheus.record_gpu_energy(model=self.model.model_name, gpu=f"{engine}:all",
+                                                      kind="unreported", energy_j=float(unrep) - prev)
                 self._books[("unreported", str(engine))] = float(unrep)
 
     def books(self) -> dict[str, float]:
@@ -737,6 +837,9 @@ class EnergyService:
             "predicted_gen_tokens": pred.gen_tokens, "predictor": self.predictor_label,
             # the held-out split of `llmco2 retrain` is by request; what measured it (nvml; fake: tests)
             "request_id": pred.request_id, "measured_source": m.get("measured_source", "nvml"),
+            # when its final value came, and the carbon settings of the time (llmco2 report)
+            "finished_unix_s": round(time.time(), 3),
+            "carbon_intensity_g_per_kwh": self.settings.intensity_g_per_kwh, "pue": self.settings.pue,
         }
         self._pairs.write(row)
 
@@ -937,6 +1040,7 @@ class EnergyService:
 
     def close(self) -> None:
         self._watch_stop.set()
+        self.carbon_intensity.close()
         proc = self._retrain_proc
         if proc is not None:  # a scheduled retrain still running: stopped (killed between its metadata and
             # weights replacements it leaves a json ahead of its npz, which no reader takes: see reload_weights)

@@ -12,7 +12,11 @@ variable                                  meaning (default)
 ``LLMCO2_FAIL_OPEN``                      ``0``: raise at start-up on misconfiguration (1: log, off)
 ``LLMCO2_GPU``                            GPU used for predictions when NVML detects none (H100)
 ``LLMCO2_GPU_SPEC_FILE``                  JSON spec of a GPU that is not in the table (none)
-``LLMCO2_CARBON_INTENSITY_G_PER_KWH``     grid carbon intensity, gCO2e/kWh (481, world 2023)
+``LLMCO2_CARBON_INTENSITY_G_PER_KWH``     grid carbon intensity, gCO2e/kWh (481, world 2023); also the
+                                          static fallback of the sources below
+``LLMCO2_CARBON_INTENSITY``               intensity by place and time (carbon/intensity.py): a number |
+                                          zone:FR | file:PATH.csv | electricitymaps:ZONE | watttime:REGION
+                                          (empty: the value above)
 ``LLMCO2_PUE``                            data-centre PUE, >= 1 (1.2)
 ``LLMCO2_LIFETIME_YEARS``                 hardware lifetime for embodied carbon, years (5)
 ``LLMCO2_ENERGY_READER``                  auto | nvml | cpu-estimate | off | fake (test only) (auto)
@@ -31,6 +35,11 @@ variable                                  meaning (default)
                                           measurements and apply it to predictions (1)
 ``LLMCO2_OTLP_METRICS_ENDPOINT``          OTLP/HTTP collector base URL for the plugin's metrics when the
                                           host has no meter provider (none: metrics go to the host's)
+``LLMCO2_PROMETHEUS``                     the plugin's series on vLLM's own ``/metrics`` (1)
+``LLMCO2_ADMISSION_CONFIG``               admission-control policy file, TOML or JSON (admission/config.py;
+                                          validated at start-up, re-read when it changes) (none: off)
+``LLMCO2_ADMISSION_MAX_REQUEST_CO2_G``    no-file admission: refuse (429) a request whose predicted upper
+                                          bound is above this many g CO2e (none)
 ``LLMCO2_CONFIG``                         the config file (none)
 ========================================  =========================================================
 """
@@ -76,6 +85,7 @@ class Settings:
     gpu: str = "H100"
     gpu_spec_file: str | None = None
     intensity_g_per_kwh: float = DEFAULT_INTENSITY_G_PER_KWH
+    carbon_intensity: str = ""  # LLMCO2_CARBON_INTENSITY source spec (empty: intensity_g_per_kwh, fixed)
     pue: float = DEFAULT_PUE
     lifetime_years: float = DEFAULT_LIFETIME_YEARS
     energy_reader: str = "auto"
@@ -92,6 +102,9 @@ class Settings:
     retrain_interval_s: float = 0.0
     pairs_include_fake: bool = False  # TEST ONLY (fake counter pairs in LLMCO2_PAIRS_PATH)
     otlp_metrics_endpoint: str | None = None
+    prometheus: bool = True  # series on vLLM's /metrics (reporting/prometheus.py)
+    admission_config: str | None = None  # LLMCO2_ADMISSION_CONFIG (admission/config.py)
+    admission_max_request_co2_g: float | None = None
     config_file: str | None = None
 
     @property
@@ -108,7 +121,7 @@ class Settings:
         if not self.enabled:
             return "llmco2 disabled (LLMCO2_ENABLED=0)"
         return (
-            f"carbon {self.intensity_g_per_kwh:g} gCO2e/kWh, PUE {self.pue:g}, lifetime {self.lifetime_years:g} y; "
+            f"carbon {self.carbon_intensity or f'{self.intensity_g_per_kwh:g} gCO2e/kWh'}, PUE {self.pue:g}, lifetime {self.lifetime_years:g} y; "
             f"fallback GPU {self.gpu_spec_file or self.gpu}; energy reader {self.energy_reader}; "
             f"headers {'on' if self.response_headers else 'off'}; pairs {self.pairs_path or 'off'}; "
             f"max_tokens cap {self.max_tokens_cap}; calibration {'on' if self.calibration else 'off'}; "
@@ -183,6 +196,19 @@ def _mode(var: str, raw: Any) -> str:
     return text
 
 
+def _intensity_spec(var: str, raw: Any) -> str:
+    # Syntax only (no file, network or codecarbon here: settings load in every process); the
+    # API server builds the source and says what is wrong with it (fail-open or refuse).
+    from llmco2_serve.carbon.intensity import IntensityError, check_spec
+
+    text = str(raw).strip()
+    try:
+        check_spec(text)
+    except IntensityError as e:
+        raise SettingsError(var, str(e)) from None
+    return text
+
+
 def _optional_url(var: str, raw: Any) -> str | None:
     text = str(raw).strip()
     if not text:
@@ -211,6 +237,7 @@ _PARSERS = {
     "gpu": ("GPU", _str),
     "gpu_spec_file": ("GPU_SPEC_FILE", _optional_path),
     "intensity_g_per_kwh": ("CARBON_INTENSITY_G_PER_KWH", lambda v, r: _float(v, r, 0.0)),
+    "carbon_intensity": ("CARBON_INTENSITY", lambda v, r: _intensity_spec(v, r)),
     "pue": ("PUE", lambda v, r: _float(v, r, 1.0)),
     "lifetime_years": ("LIFETIME_YEARS", lambda v, r: _float(v, r, 0.0, strict_min=True)),
     "energy_reader": ("ENERGY_READER", _mode),
@@ -226,6 +253,10 @@ _PARSERS = {
     "retrain_interval_s": ("RETRAIN_INTERVAL_S", lambda v, r: _float(v, r, 0.0)),
     "pairs_include_fake": ("PAIRS_INCLUDE_FAKE", _bool),
     "otlp_metrics_endpoint": ("OTLP_METRICS_ENDPOINT", _optional_url),
+    "admission_config": ("ADMISSION_CONFIG", _optional_path),
+    "admission_max_request_co2_g": ("ADMISSION_MAX_REQUEST_CO2_G",
+                                    lambda v, r: _float(v, r, 0.0, strict_min=True) if str(r).strip() else None),
+    "prometheus": ("PROMETHEUS", _bool),
 }
 
 

@@ -57,6 +57,13 @@ MEASURED_SOURCE: Final = "llmco2.measured.source"
 MEASURED_UNCERTAINTY_J: Final = "llmco2.measured.uncertainty_j"
 
 CARBON_INTENSITY_G_PER_KWH: Final = "llmco2.carbon_intensity_g_per_kwh"
+# Grid intensity at the time the energy was spent (carbon/intensity.py): the prediction's at
+# admission, the measurement's at finish; the source of the latest one used (static, codecarbon,
+# file, electricitymaps, electricitymaps-cached, static-fallback, ...).
+PREDICTED_CARBON_INTENSITY_G_PER_KWH: Final = "llmco2.predicted.carbon_intensity_g_per_kwh"
+PREDICTED_CARBON_INTENSITY_SOURCE: Final = "llmco2.predicted.carbon_intensity_source"
+MEASURED_CARBON_INTENSITY_G_PER_KWH: Final = "llmco2.measured.carbon_intensity_g_per_kwh"
+CARBON_INTENSITY_SOURCE: Final = "llmco2.carbon_intensity.source"
 PUE: Final = "llmco2.pue"
 GPU: Final = "llmco2.gpu"
 N_GPU: Final = "llmco2.n_gpu"
@@ -605,6 +612,31 @@ def _base_endpoint(endpoint: str) -> str:
 _SPAN_SCHEDULE_DELAY_MS: Final = 1000
 
 
+def standard_metrics_endpoint(environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """(URL, protocol) for metrics from the standard OTLP exporter variables, or None.
+
+    ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` is used as given (for http/protobuf the full URL,
+    e.g. ``http://collector:4318/v1/metrics``); ``OTEL_EXPORTER_OTLP_ENDPOINT`` is a base URL to
+    which ``/v1/metrics`` is appended for http/protobuf. Protocol from
+    ``OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf``
+    (the specification's default) or ``grpc``.
+    """
+    env = os.environ if environ is None else environ
+    protocol = (env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf").strip().lower()
+    if protocol not in ("http/protobuf", "grpc"):
+        raise ValueError(f"OTLP metrics protocol must be http/protobuf or grpc, got {protocol!r}")
+    url = (env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or "").strip()
+    if not url:
+        base = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip().rstrip("/")
+        if not base:
+            return None
+        url = base + "/v1/metrics" if protocol == "http/protobuf" else base
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"OTLP metrics endpoint must be an http(s) URL, got {url!r}")
+    return url, protocol
+
+
 def configure_otel(
     endpoint: str | None,
     *,
@@ -613,6 +645,7 @@ def configure_otel(
     spans_jsonl_path: str | os.PathLike[str] | None = None,
     metric_export_interval_s: float | None = None,
     resource_attributes: Mapping[str, str] | None = None,
+    metrics_endpoint: tuple[str, str] | None = None,
 ) -> OtelHandles:
     """Tracer and meter for llmco2-serve, built only where the host has none.
 
@@ -622,6 +655,8 @@ def configure_otel(
     ``endpoint`` (the collector's base URL; ``/v1/traces`` and ``/v1/metrics`` are
     appended) and, for spans, to the JSON-lines file ``spans_jsonl_path``. Otherwise use
     the API's proxy, which stays a no-op until a host configures a provider.
+    ``metrics_endpoint`` (URL, protocol), e.g. from :func:`standard_metrics_endpoint`, sends the
+    metrics there instead of ``endpoint``/v1/metrics.
 
     Exports run in background threads with a ``export_timeout_s`` HTTP timeout, so a dead
     or slow collector never blocks ``span.end()`` or a metric ``add``. Private providers
@@ -680,16 +715,21 @@ def configure_otel(
     if host_meter_provider_configured():
         metrics_owner: SignalOwner = "host"
         meter = metrics.get_meter(METER_NAME, __version__)
-    elif base is None:
+    elif base is None and metrics_endpoint is None:
         metrics_owner = "none"
         meter = metrics.get_meter(METER_NAME, __version__)
     else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        url, protocol = metrics_endpoint if metrics_endpoint is not None else (f"{base}/v1/metrics", "http/protobuf")
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         metrics_owner = "llmco2"
         reader = PeriodicExportingMetricReader(
-            OTLPMetricExporter(endpoint=f"{base}/v1/metrics", timeout=export_timeout_s),
+            OTLPMetricExporter(endpoint=url, timeout=export_timeout_s),
             export_interval_millis=interval_s * 1000,
             export_timeout_millis=export_timeout_s * 1000,
         )
