@@ -136,8 +136,26 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
             "prompts' sequences are predicted as one batch.",
         vllm_versions=_V32_ONLY, future="The same request-admission hook as output_processor.add_request."),
     PatchSpec(
+        "completion.stream_usage_chunk",
+        "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.completion_stream_generator",
+        why="A streaming response's headers leave before the engine runs: its measured energy can only "
+            "reach the client in the final usage chunk (stream_options.include_usage), which vLLM "
+            "builds inside this generator after every sequence's final output.",
+        how="Call the original; when the HTTP request has a header holder (LLMCO2_RESPONSE_HEADERS), "
+            "wrap the async generator it returns: the SSE chunk whose choices are empty and that has "
+            "usage gets an 'llmco2' object (predicted and measured sums, source, final); every other "
+            "chunk passes unchanged, and a failure passes the chunk as vLLM made it.",
+        vllm_versions=_V32_ONLY, future="A response-extension hook for plugins (usage metadata)."),
+    PatchSpec(
+        "chat.stream_usage_chunk",
+        "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.chat_completion_stream_generator",
+        why="As completion.stream_usage_chunk, for /v1/chat/completions.",
+        how="As completion.stream_usage_chunk.",
+        vllm_versions=_V32_ONLY, future="As completion.stream_usage_chunk."),
+    PatchSpec(
         "app.init_entrypoints_middleware", "vllm.entrypoints.launchers.app:init_entrypoints_middleware",
-        why="x-llmco2-predicted-* HTTP response headers without a --middleware flag.",
+        why="x-llmco2-predicted-* HTTP response headers without a --middleware flag, and "
+            "x-llmco2-measured-* on non-streaming responses (sent after all their sequences finished).",
         how="Call the original, then app.add_middleware(LLMCO2HeadersMiddleware) (pure ASGI). "
             "build_app looks the name up at call time; entry.build_app cannot be patched "
             "(python -m runs entry.py as __main__).",

@@ -15,7 +15,8 @@ from llmco2_serve.runtime.service import (
 
 from . import _state
 from ._patches import apply, failed
-from .http_headers import current_holder
+from . import admission
+from .http_headers import current_holder, deliver_measured, track
 
 logger = logging.getLogger("vllm.llmco2")
 
@@ -82,10 +83,16 @@ def _wrap_add_request(orig):
                 if holder is not None:
                     running = holder.group_running(running)
                     siblings = n * holder.prompts
-                pred = svc.on_request(request.request_id, _prompt_len(request), sp.max_tokens, running, siblings)
-                if holder is not None and pred is not None:
-                    holder.add(pred)
+                # Admission control (admission.py) decides here, before the request is registered or
+                # reaches the engine; without it this is svc.on_request.
+                pred = admission.on_request(svc, request, _prompt_len(request), running, siblings)
+                if holder is not None:
+                    track(request.request_id, holder)  # its first answer goes back to the client
+                    if pred is not None:
+                        holder.add(pred)
         except Exception as e:  # noqa: BLE001 - fail-open boundary: a request must never fail for us
+            if getattr(e, "llmco2_admission", False):
+                raise  # refused by admission control (a GracefulHTTPError: vLLM answers with its status)
             failed("output_processor.add_request", e)
         return orig(self, request, *args, **kwargs)
     return add_request
@@ -101,6 +108,7 @@ def _wrap_abort_requests(orig):
             svc = service()
             if svc is not None and aborted:
                 svc.forget_many(aborted)
+                admission.on_aborted(svc, aborted)
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("output_processor.abort_requests", e)
         return aborted
@@ -108,7 +116,18 @@ def _wrap_abort_requests(orig):
 
 
 def _finished_attributes(svc: Any, request_id: str, gen_tokens: int | None, measured: dict | None) -> dict:
-    return svc.on_finished(request_id, gen_tokens, measured)
+    # Every API-side finish passes here before vLLM queues the request's final output: the span's
+    # measured value (first answer, or pending) also goes to the HTTP response (http_headers.py).
+    attrs = svc.on_finished(request_id, gen_tokens, measured)
+    try:
+        attrs.update(admission.on_finished(svc, request_id))  # decision on the span; budget settles
+    except Exception as e:  # noqa: BLE001 - fail-open boundary
+        failed("admission.finished", e)
+    try:
+        deliver_measured(request_id, attrs)
+    except Exception as e:  # noqa: BLE001 - fail-open boundary
+        failed("app.init_entrypoints_middleware", e)
+    return attrs
 
 
 def _wrap_process_outputs(orig):
@@ -160,7 +179,7 @@ def _wrap_process_outputs(orig):
                 if svc is not None:
                     for rid in to_abort:
                         if svc.prediction(rid) is not None:
-                            svc.on_finished(rid, None, None)
+                            _finished_attributes(svc, rid, None, None)
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("output_processor.process_outputs", e)
         return out

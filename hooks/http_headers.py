@@ -11,12 +11,23 @@ before any of them reaches ``add_request``) and the requests in flight when the 
 
 The middleware holds ``http.response.start`` until the first body message, when the prediction is
 known also for streaming responses (whose start is sent before the engine runs).
+
+The measurement goes back too (issue 8 §4): every sequence added under a holder is registered by its
+request id, and the API-side patches (api_server.py) hand each one's span attributes (the engine's
+*first answer*, or ``pending`` for a stop string) to :func:`deliver_measured` before vLLM queues its
+final output. A non-streaming response starts only after all its sequences finished, so its start
+carries ``x-llmco2-measured-*``; a streaming one started long before, so the measurement rides on
+the final usage chunk instead (``stream_options.include_usage``: an ``llmco2`` object next to
+``usage``, ledger entries ``completion.stream_usage_chunk`` and ``chat.stream_usage_chunk``).
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
+import math
+import weakref
 from typing import Any
 
 from . import _state
@@ -29,12 +40,30 @@ HEADER_CO2_G = "x-llmco2-predicted-co2-g"
 HEADER_ENERGY_J_UPPER = "x-llmco2-predicted-energy-j-upper"
 HEADER_GEN_TOKENS = "x-llmco2-predicted-gen-tokens"
 HEADER_SEQUENCES = "x-llmco2-predicted-sequences"
+HEADER_MEASURED_ENERGY_J = "x-llmco2-measured-energy-j"
+HEADER_MEASURED_CO2_G = "x-llmco2-measured-co2-g"
+HEADER_MEASURED_SOURCE = "x-llmco2-measured-source"
+HEADER_MEASURED_FINAL = "x-llmco2-measured-final"
+HEADER_MEASURED_ESTIMATED_J = "x-llmco2-measured-estimated-energy-j"
+HEADER_MEASURED_UNCERTAINTY_J = "x-llmco2-measured-uncertainty-j"
+HEADER_MEASURED_SEQUENCES = "x-llmco2-measured-sequences"
+# Span attribute names (telemetry.py) read from the first answer.
+_A_SOURCE, _A_ENERGY, _A_CO2 = "llmco2.measured.source", "llmco2.measured.energy_j", "llmco2.measured.co2_g"
+_A_FINAL, _A_EST, _A_UNC = ("llmco2.measured.final", "llmco2.measured.estimated_energy_j",
+                            "llmco2.measured.uncertainty_j")
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 class PredictionHolder:
-    """Sum of the predictions made for one HTTP request, and what makes its sequences one batch."""
+    """Sum of the predictions made for one HTTP request, what makes its sequences one batch, and
+    the sum of their measured first answers."""
 
-    __slots__ = ("n", "energy_j", "co2_g", "energy_j_upper", "gen_tokens", "prompts", "_running")
+    __slots__ = ("n", "energy_j", "co2_g", "energy_j_upper", "gen_tokens", "prompts", "_running",
+                 "sequences", "m_n", "m_energy_j", "m_co2_g", "m_estimated_j", "m_uncertainty_j",
+                 "m_missing", "m_final", "m_sources", "__weakref__")
 
     def __init__(self) -> None:
         self.n = 0
@@ -42,6 +71,73 @@ class PredictionHolder:
         self.gen_tokens = 0
         self.prompts = 1  # prompts of a multi-prompt completion (merge_async_iterators patch)
         self._running: int | None = None
+        self.sequences = 0  # sequences registered for a measurement (track())
+        self.m_n = 0  # ... of which a first answer arrived
+        self.m_energy_j = self.m_co2_g = self.m_estimated_j = self.m_uncertainty_j = 0.0
+        self.m_missing = 0  # first answers without an energy (pending, unavailable)
+        self.m_final = True
+        self.m_sources: list[str] = []
+
+    def add_measured(self, attrs: dict) -> None:
+        """One sequence's span attributes (its first answer)."""
+        self.m_n += 1
+        source = str(attrs.get(_A_SOURCE) or "unavailable")
+        if source not in self.m_sources:
+            self.m_sources.append(source)
+        energy, co2 = _number(attrs.get(_A_ENERGY)), _number(attrs.get(_A_CO2))
+        if energy is None:
+            self.m_missing += 1
+            self.m_final = False
+            return
+        self.m_energy_j += energy
+        self.m_co2_g += co2 or 0.0
+        self.m_estimated_j += _number(attrs.get(_A_EST)) or 0.0
+        self.m_uncertainty_j += _number(attrs.get(_A_UNC)) or 0.0
+        if attrs.get(_A_FINAL) is not True:
+            self.m_final = False
+
+    def measured(self) -> dict[str, Any] | None:
+        """The whole response's measurement as known now, or None when nothing was registered.
+        Energies only when every sequence has one (a sum missing a pending sequence would
+        understate it); ``source`` lists the distinct sources, e.g. ``fake`` or ``nvml,pending``;
+        sequences registered but not answered count as ``unavailable``."""
+        if not self.sequences:
+            return None
+        sources = list(self.m_sources)
+        if self.m_n < self.sequences and "unavailable" not in sources:
+            sources.append("unavailable")
+        out: dict[str, Any] = {"source": ",".join(sources), "sequences": self.sequences,
+                               "final": bool(self.m_final and self.m_n == self.sequences)}
+        if self.m_n == self.sequences and not self.m_missing:
+            out.update(energy_j=self.m_energy_j, co2_g=self.m_co2_g, estimated_energy_j=self.m_estimated_j,
+                       uncertainty_j=self.m_uncertainty_j)
+        return out
+
+    def measured_headers(self) -> list[tuple[bytes, bytes]]:
+        m = self.measured()
+        if m is None:
+            return []
+        out = [(HEADER_MEASURED_SOURCE.encode(), m["source"].encode()),
+               (HEADER_MEASURED_FINAL.encode(), b"true" if m["final"] else b"false"),
+               (HEADER_MEASURED_SEQUENCES.encode(), str(m["sequences"]).encode())]
+        if "energy_j" in m:
+            out += [(HEADER_MEASURED_ENERGY_J.encode(), f"{m['energy_j']:.9g}".encode()),
+                    (HEADER_MEASURED_CO2_G.encode(), f"{m['co2_g']:.9g}".encode()),
+                    (HEADER_MEASURED_ESTIMATED_J.encode(), f"{m['estimated_energy_j']:.9g}".encode()),
+                    (HEADER_MEASURED_UNCERTAINTY_J.encode(), f"{m['uncertainty_j']:.9g}".encode())]
+        return out
+
+    def usage_object(self) -> dict[str, Any]:
+        """The ``llmco2`` object of a streaming response's final usage chunk."""
+        obj: dict[str, Any] = {}
+        if self.n:
+            obj.update(predicted_energy_j=self.energy_j, predicted_co2_g=self.co2_g,
+                       predicted_energy_j_upper=self.energy_j_upper, predicted_gen_tokens=self.gen_tokens,
+                       predicted_sequences=self.n)
+        m = self.measured()
+        if m is not None:
+            obj.update({f"measured_{k}": v for k, v in m.items()})
+        return obj
 
     def group_running(self, running: int) -> int:
         """Requests in flight (not this HTTP request's) when its first sequence arrived: the first
@@ -74,6 +170,25 @@ def current_holder() -> PredictionHolder | None:
     return _HOLDER.get()
 
 
+# Request id (vLLM's internal one, a sequence) -> the holder of its HTTP request. Weak: an entry
+# goes when its response is done, whether or not a first answer came (aborts, failures).
+_BY_REQUEST: weakref.WeakValueDictionary[str, PredictionHolder] = weakref.WeakValueDictionary()
+
+
+def track(request_id: str, holder: PredictionHolder) -> None:
+    """Register one sequence of ``holder``'s response for its measurement."""
+    if request_id not in _BY_REQUEST:
+        holder.sequences += 1
+        _BY_REQUEST[request_id] = holder
+
+
+def deliver_measured(request_id: str, attrs: dict) -> None:
+    """A sequence's span attributes (first answer) to its response, once."""
+    holder = _BY_REQUEST.pop(request_id, None)
+    if holder is not None:
+        holder.add_measured(attrs)
+
+
 class LLMCO2HeadersMiddleware:
     """Pure ASGI middleware (not BaseHTTPMiddleware: that would run the app in another task)."""
 
@@ -96,6 +211,8 @@ class LLMCO2HeadersMiddleware:
                 start = held.pop()
                 try:
                     extra = holder.headers()
+                    if not _is_event_stream(start):  # all sequences done: their first answers are in
+                        extra += holder.measured_headers()
                     if extra:
                         start = {**start, "headers": list(start.get("headers", [])) + extra}
                 except Exception as e:  # noqa: BLE001 - fail-open boundary: never lose a response
@@ -107,6 +224,61 @@ class LLMCO2HeadersMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             _HOLDER.reset(token)
+
+
+def _is_event_stream(start: dict) -> bool:
+    for k, v in start.get("headers", ()):
+        if bytes(k).lower() == b"content-type":
+            return bytes(v).lower().startswith(b"text/event-stream")
+    return False
+
+
+def _with_llmco2_usage(chunk: Any, holder: PredictionHolder) -> Any:
+    """The final usage chunk (``data: {...}`` whose ``choices`` is empty and that has ``usage``)
+    with an ``llmco2`` object next to ``usage``; any other chunk unchanged."""
+    if not isinstance(chunk, str) or not chunk.startswith("data: {") or '"usage"' not in chunk:
+        return chunk
+    body = chunk[len("data: "):].rstrip("\n")
+    obj = json.loads(body)
+    if not isinstance(obj, dict) or obj.get("choices") != [] or not isinstance(obj.get("usage"), dict):
+        return chunk
+    extra = holder.usage_object()
+    if not extra:
+        return chunk
+    obj["llmco2"] = extra
+    return "data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+
+def _make_stream_wrapper(name: str):
+    # The serving classes' stream generators yield SSE strings; the last data chunk before [DONE]
+    # is the usage chunk, built after every sequence's final output was processed (and so after
+    # their first answers reached the holder). The holder is taken from the HTTP request's context
+    # when vLLM creates the generator.
+    def make(orig):
+        def stream_generator(self, *args, **kwargs):
+            gen = orig(self, *args, **kwargs)
+            try:
+                holder = _HOLDER.get()
+            except Exception as e:  # noqa: BLE001 - fail-open boundary
+                failed(name, e)
+                holder = None
+            if holder is None:
+                return gen
+            return _stream_with_usage(gen, holder, name)
+        return stream_generator
+    return make
+
+
+async def _stream_with_usage(gen: Any, holder: PredictionHolder, name: str):
+    try:
+        async for chunk in gen:
+            try:
+                chunk = _with_llmco2_usage(chunk, holder)
+            except Exception as e:  # noqa: BLE001 - fail-open boundary: the chunk goes out as vLLM made it
+                failed(name, e)
+            yield chunk
+    finally:
+        await gen.aclose()
 
 
 def _wrap_init_middleware(orig):
@@ -138,5 +310,7 @@ def _wrap_merge_async_iterators(orig):
 
 def install() -> list[str]:
     return [name for name, make in (("app.init_entrypoints_middleware", _wrap_init_middleware),
-                                    ("completion.merge_async_iterators", _wrap_merge_async_iterators))
+                                    ("completion.merge_async_iterators", _wrap_merge_async_iterators),
+                                    ("completion.stream_usage_chunk", _make_stream_wrapper("completion.stream_usage_chunk")),
+                                    ("chat.stream_usage_chunk", _make_stream_wrapper("chat.stream_usage_chunk")))
             if apply(name, make)]
