@@ -45,6 +45,21 @@ def _first_to_report() -> bool:
     return True
 
 
+def _check_admission(settings) -> None:
+    """The admission policy file is validated in every process at start-up (errors name the key):
+    LLMCO2_FAIL_OPEN=0 refuses to start; otherwise admission control is off (hooks/admission.py)."""
+    from llmco2_serve.admission import AdmissionConfigError
+
+    from . import _patches, admission
+
+    try:
+        admission.check_config(settings)
+    except AdmissionConfigError as e:
+        if not settings.fail_open:
+            raise
+        _patches.log_once("admission-config", logging.ERROR, "llmco2: admission control OFF: %s", e)
+
+
 def _register() -> None:
     from . import _patches, _state
 
@@ -71,6 +86,7 @@ def _register() -> None:
         for p in problems:
             _patches.log_once(f"preflight:{p.setting}", level, "llmco2: %s; %s", p, p.disabled)
         st.settings = preflight.effective_settings(settings, problems)
+    _check_admission(st.settings or settings)
     try:
         import vllm
         version = str(vllm.__version__)

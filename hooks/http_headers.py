@@ -290,8 +290,24 @@ def _wrap_init_middleware(orig):
                 app.add_middleware(LLMCO2HeadersMiddleware)
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("app.init_entrypoints_middleware", e)
+        _install_admission(args, app)
         return result
     return init_entrypoints_middleware
+
+
+def _install_admission(args: Any, app: Any) -> None:
+    """Admission control (admission.py): built here, in the API server only, at start-up."""
+    st = _state.state()
+    try:
+        if st.active and st.settings is not None:
+            from . import admission
+
+            if admission.setup(st.settings, args) is not None:
+                app.add_middleware(admission.AdmissionMiddleware)
+    except Exception as e:  # noqa: BLE001 - fail-open boundary (re-raised when LLMCO2_FAIL_OPEN=0)
+        if st.settings is not None and not st.settings.fail_open:
+            raise
+        failed("app.init_entrypoints_middleware", e)
 
 
 def _wrap_merge_async_iterators(orig):
