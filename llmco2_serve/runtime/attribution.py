@@ -119,6 +119,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -223,6 +224,7 @@ class MeasuredEnergy:
 _MP, _MD, _WP, _WD, _CP, _CD, _SQ, _XS, _SH, _BUSY, _STEPS, _ROWS = range(12)
 _N_SNAP = 10  # rows snapshotted per device at its closes (_STEPS, _ROWS are counts only)
 _N_ACC = 12
+_SLOT = operator.attrgetter("slot")
 
 
 class _Req:
@@ -446,7 +448,8 @@ class EnergyAttributor:
 
     def record_step(self, start_s: float, end_s: float, request_ids: Sequence[str],
                     is_prefill: Sequence[bool], weights: Sequence[float], read: bool = True,
-                    work_s: bool = False, compute_s: Sequence[float] | None = None) -> None:
+                    work_s: bool = False, compute_s: Sequence[float] | None = None,
+                    now_s: float | None = None) -> None:
         """Record one finished engine step (parallel sequences, one item per row) and read the
         counters once (unless ``read`` is False: the caller rate-limits reads).
 
@@ -462,20 +465,31 @@ class EnergyAttributor:
         energy with a static + work power model (module docstring) instead of by duration alone.
         ``compute_s``: the compute part of each row's work (the rest is memory traffic); the price
         of a second of compute vs a second of memory traffic is then learned per device.
+        ``now_s``: when the step is recorded (default: the clock now); a step recorded later than
+        it finished (queued for a background thread) passes its end time, so the steps after it
+        keep their own time.
         """
-        t = float(self._clock())
+        t = float(self._clock()) if now_s is None else float(now_s)
         t0 = start_s if start_s > self._boundary_t else self._boundary_t
         t1 = end_s if end_s < t else t
         dur = t1 - t0 if t1 > t0 else 0.0
         self._boundary_t = t
         n_rows = len(request_ids)
         if n_rows:
-            get = self._reqs.get
-            handles = [get(rid) for rid in request_ids]
-            if None in handles:
-                handles = [h if h is not None else self._entry_for(rid) for h, rid in zip(handles, request_ids)]
-            slots_list = [h.slot for h in handles]
+            handles = list(map(self._reqs.get, request_ids))
+            if None in handles:  # new requests, late work: fix those rows only
+                i = handles.index(None)
+                while True:
+                    rid = request_ids[i]  # (a new request with two rows gets one entry)
+                    handles[i] = self._reqs.get(rid) or self._entry_for(rid)
+                    try:
+                        i = handles.index(None, i + 1)
+                    except ValueError:
+                        break
+            slots_list = list(map(_SLOT, handles))
             slots = np.array(slots_list, dtype=np.intp)
+            # a request can have two rows in a step (a chunk crossing its prompt's end is split by
+            # phase), and late rows share the unreported entry
             unique = len(set(slots_list)) == n_rows
             if dur <= 0.0 or self._failed:  # otherwise counted with the step's other sums below
                 np.add.at(self._acc[_STEPS], slots, 1.0)
@@ -500,14 +514,17 @@ class EnergyAttributor:
             else:
                 v = np.empty((_N_ACC, n_rows))
                 # rows MP/MD, WP/WD, CP/CD: the prefill and decode parts of mass, work, compute
-                if work_s:
-                    c = np.asarray(compute_s, dtype=np.float64) if compute_s is not None else np.zeros(n_rows)
-                    src = np.stack((m, w, c))
-                    self._cum_work += wsum
+                if work_s:  # whole values in the decode rows, then the prefill parts moved out
+                    v[_MD] = m
+                    v[_WD] = w
                     if compute_s is not None:
-                        self._cum_work_c += float(c.sum())
-                    v[0:6:2] = src * pre
-                    v[1:6:2] = src - v[0:6:2]
+                        v[_CD] = compute_s
+                        self._cum_work_c += float(v[_CD].sum())
+                    else:
+                        v[_CD] = 0.0
+                    self._cum_work += wsum
+                    v[0:6:2] = v[1:6:2] * pre
+                    v[1:6:2] -= v[0:6:2]
                 else:
                     v[_MP] = m * pre
                     v[_MD] = m - v[_MP]
@@ -579,12 +596,13 @@ class EnergyAttributor:
         if req is not None:
             self._counts[0, req.slot] += 1
 
-    def peek(self, request_id: str) -> MeasuredEnergy:
-        """The current (non-final) value of a live request, without finishing it."""
+    def peek(self, request_id: str, aborted: bool | None = None) -> MeasuredEnergy:
+        """The current (non-final) value of a live request, without finishing it (``aborted``:
+        say so in the value, for a finish that is deferred)."""
         req = self._reqs.get(request_id) or self._pending.get(request_id)
         if req is None:
-            return self._never_scheduled(request_id, False, final=False)
-        return self._result(req, final=False)
+            return self._never_scheduled(request_id, bool(aborted), final=False)
+        return self._result(req, final=False, aborted=aborted)
 
     def on_finished(self, request_id: str, aborted: bool = False) -> MeasuredEnergy:
         """The request left the engine (finished or aborted). Returns at once: the open-window
@@ -904,18 +922,20 @@ class EnergyAttributor:
         if self._on_final is not None:
             self._on_final(result)
 
-    def _result(self, req: _Req, final: bool) -> MeasuredEnergy:
+    def _result(self, req: _Req, final: bool, aborted: bool | None = None) -> MeasuredEnergy:
         s = req.slot
+        if aborted is None:
+            aborted = req.aborted
         n_steps = int(self._acc[_STEPS, s])
         n_pre = int(self._counts[0, s])
         n = self._n_devices
         if n == 0:
-            return self._unavailable(req.rid, n_steps, n_pre, req.aborted, final)
+            return self._unavailable(req.rid, n_steps, n_pre, aborted, final)
         energy_p = float(self._energy[0, s])
         energy_d = float(self._energy[1, s])
         if self._lost[2, s] > 0.0:
             if energy_p == 0.0 and energy_d == 0.0:
-                return self._unavailable(req.rid, n_steps, n_pre, req.aborted, final)
+                return self._unavailable(req.rid, n_steps, n_pre, aborted, final)
             source = f"{self._reader_source}-partial"
         else:
             source = self._reader_source
@@ -944,7 +964,7 @@ class EnergyAttributor:
             source=source,
             n_steps=n_steps,
             n_preemptions=n_pre,
-            aborted=req.aborted,
+            aborted=aborted,
             final=final,
             mean_batch=float(self._acc[_ROWS, s]) / n_steps if n_steps else 0.0,
         )

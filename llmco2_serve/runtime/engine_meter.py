@@ -24,6 +24,8 @@ __all__ = ["EngineMeter", "StepRow"]
 logger = logging.getLogger(__name__)
 
 StepRow = tuple[str, str, int, int]  # (request_id, "prefill"|"decode", n_tokens, context_len before)
+_PREFILL = "prefill"
+_MAX_QUEUED_STEPS = 64  # steps waiting for the poller before the step thread records them itself
 
 
 class EngineMeter:
@@ -64,7 +66,14 @@ class EngineMeter:
         # the step path. Without it (tests, simulations) reads happen inline, deterministically.
         self.background_reads = bool(background_reads)
         self._read_due = threading.Event()
+        self._read_flagged = False  # a counter read is due (the event also wakes the poller to record steps)
         self._open: dict[Any, tuple[float, list[StepRow], frozenset[str]]] = {}
+        # Background reads also move the recording of finished steps (row weights, the ledger's
+        # vector updates) off the step thread: steps queue here, in order, and the poller records
+        # them. A finishing request's queued steps are recorded inline first (its first answer is
+        # exact), and the queue is bounded (recorded inline when full: a stalled poller costs
+        # speed, never data).
+        self._queue: list[tuple[float, float, list[StepRow], frozenset[str]]] = []
         self._deferred: dict[str, bool] = {}  # finished while in a step in flight -> aborted flag
         self._costs: StepCostModel | None = None
         self.steps = 0
@@ -124,7 +133,8 @@ class EngineMeter:
             self._open[key] = (self._clock(), rows, frozenset(r[0] for r in rows))
 
     def step_finished(self, key: Any) -> None:
-        """The step ``key`` finished computing: attribute the energy read now."""
+        """The step ``key`` finished computing: attribute the energy read now (with background
+        reads: queue the step for the poller, which records it)."""
         item = self._open.pop(key, None)
         now = self._clock()
         with self._lock:
@@ -132,24 +142,51 @@ class EngineMeter:
             if item is None:  # a step with no rows: an idle read, rate-limited like the others
                 if now - self._last_read_t >= self.min_read_interval_s:
                     self._last_read_t = now
+                    self._record_queued()
                     self.attributor.poll()
                 return
-            start, rows, rids = item
-            rid_col, phase_col, n_col, ctx_col = zip(*rows)
-            w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
+            self.steps += 1
             read = now - self._last_read_t >= self.min_read_interval_s
             if read:
                 self._last_read_t = now
-            self.attributor.record_step(start, now, rid_col, np.array(phase_col) == "prefill",
-                                        w, read=read and not self.background_reads,
-                                        work_s=comp is not None, compute_s=comp)
-            if read and self.background_reads:
-                self._read_due.set()
-            self.steps += 1
-            if self._deferred:
-                for rid in [r for r in self._deferred if r in rids]:
-                    if not any(rid in o[2] for o in self._open.values()):
-                        self.attributor.on_finished(rid, aborted=self._deferred.pop(rid))
+            if not self.background_reads:
+                self._record(item[0], now, item[1], item[2], read=read)
+                return
+            queue = self._queue
+            queue.append((item[0], now, item[1], item[2]))
+            if len(queue) > _MAX_QUEUED_STEPS:
+                self._record_queued()
+            if read:
+                self._flag_read()
+            elif not self._read_due.is_set():
+                self._read_due.set()  # wake the poller to record the step (no counter read)
+
+    def _flag_read(self) -> None:
+        self._read_flagged = True
+        self._read_due.set()
+
+    def _record(self, start: float, end: float, rows: list[StepRow], rids: frozenset[str], read: bool) -> None:
+        """Record one finished step in the attributor (under the lock)."""
+        rid_col, phase_col, n_col, ctx_col = zip(*rows)
+        w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
+        self.attributor.record_step(start, end, rid_col, list(map(_PREFILL.__eq__, phase_col)),
+                                    w, read=read, work_s=comp is not None, compute_s=comp, now_s=end)
+        if self._deferred:
+            for rid in [r for r in self._deferred if r in rids]:
+                if not self._holds(rid):
+                    self.attributor.on_finished(rid, aborted=self._deferred.pop(rid))
+
+    def _holds(self, rid: str) -> bool:
+        """Whether a step in flight or not yet recorded still holds ``rid``."""
+        return any(rid in o[2] for o in self._open.values()) or any(rid in q[3] for q in self._queue)
+
+    def _record_queued(self, upto: int | None = None) -> None:
+        """Record the queued steps (the first ``upto`` of them), in order (under the lock)."""
+        queue = self._queue
+        n = len(queue) if upto is None else upto
+        for _ in range(n):
+            start, end, rows, rids = queue.pop(0)
+            self._record(start, end, rows, rids, read=False)
 
     def preempted(self, request_id: str) -> None:
         with self._lock:
@@ -159,11 +196,15 @@ class EngineMeter:
         """The request left the scheduler. Returns its value so far; deferred while a step in
         flight still holds it (async scheduling, aborts before the step's output)."""
         with self._lock:
+            queue = self._queue
+            if queue:  # its steps not yet recorded: record them now, so its value so far is exact
+                last = max((i for i, q in enumerate(queue) if request_id in q[3]), default=-1)
+                if last >= 0:
+                    self._record_queued(last + 1)
             for o in self._open.values():
                 if request_id in o[2]:
                     self._deferred[request_id] = aborted
-                    m = self.attributor.peek(request_id)
-                    return MeasuredEnergy(**{**m.__dict__, "aborted": aborted})
+                    return self.attributor.peek(request_id, aborted=aborted)
             return self.attributor.on_finished(request_id, aborted=aborted)
 
     def in_flight(self) -> bool:
@@ -176,7 +217,10 @@ class EngineMeter:
             return False
         self._read_due.clear()
         with self._lock:
-            self.attributor.read_now()
+            self._record_queued()
+            if self._read_flagged:
+                self._read_flagged = False
+                self.attributor.read_now()
         return True
 
     def idle_tick(self, idle_after_s: float = 0.05) -> bool:
@@ -188,6 +232,7 @@ class EngineMeter:
         with self._lock:
             if self._open:
                 return False
+            self._record_queued()
             self._last_read_t = now
             self.attributor.poll()
         return True
