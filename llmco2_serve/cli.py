@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_retrain_parser(sub)  # llmco2 retrain (retrain.py)
 
+    from llmco2_serve.reporting.report import add_parser as add_report_parser
+
+    add_report_parser(sub)  # llmco2 report (reporting/report.py; matplotlib: the 'report' extra)
+
     d = sub.add_parser("dashboard", help="write the Grafana dashboard for the plugin's Prometheus series")
     d.add_argument("--out", help="write the dashboard JSON here")
     d.add_argument("--check", nargs="?", const="", metavar="FILE",

@@ -679,7 +679,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"spans: {spans_path.resolve()}")
     print(f"table: {csv_path.resolve()}")
     print(f"server log: {log_path.resolve()}")
+    _write_report(spans_path, out)
     return 0 if n_ok == len(requests) else 1
+
+
+def _write_report(spans_path: Path, out: Path) -> None:
+    """The demo ends with ``llmco2 report`` on its spans (HTML + PNG); a missing matplotlib or a
+    run without llmco2 spans is a note, not a failed demo."""
+    from llmco2_serve.reporting.report import ReportError, write_report
+
+    try:
+        written = write_report(spans_path, out / "report.html", out / "report.png",
+                               title="llmco2 demo: predicted vs measured")
+    except ReportError as e:
+        print(f"note: no report: {e}", file=sys.stderr)
+        return
+    print(f"report: {written['html']}  (image: {written['png']})")
 
 
 if __name__ == "__main__":
