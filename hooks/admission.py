@@ -42,6 +42,7 @@ HEADER_DECISION = "x-llmco2-admission"
 HEADER_REASON = "x-llmco2-admission-reason"
 HEADER_MAX_TOKENS = "x-llmco2-admission-max-tokens"
 HEADER_TENANT = "x-llmco2-admission-tenant"
+HEADER_RESERVED = "x-llmco2-admission-reserved-co2-g"  # what the request reserved of its tenant's budget
 _MAX_KEPT = 65536  # decisions kept per request id until the request ends (bounded)
 
 
@@ -74,14 +75,14 @@ def refused_error(decision: Any) -> Exception:
 
 # ------------------------------------------------------------------ per-HTTP-request context
 class _Ctx:
-    __slots__ = ("headers", "tenant", "refused", "decision", "lowered_to")
+    __slots__ = ("headers", "tenant", "refused", "decision", "reserved_g")
 
     def __init__(self, headers: dict[str, str]) -> None:
         self.headers = headers
         self.tenant: str | None = None
         self.refused: Any = None
         self.decision: Any = None
-        self.lowered_to: int | None = None
+        self.reserved_g = 0.0  # budget reserved by this HTTP request's sequences (g CO2e)
 
 
 _CTX: contextvars.ContextVar[_Ctx | None] = contextvars.ContextVar("llmco2_admission", default=None)
@@ -131,7 +132,8 @@ class AdmissionMiddleware:
                         failed("app.init_entrypoints_middleware", e)
                 elif ctx.decision is not None:
                     try:
-                        start = {**start, "headers": list(start.get("headers", [])) + _decision_headers(ctx.decision)}
+                        start = {**start, "headers": list(start.get("headers", []))
+                                 + _decision_headers(ctx.decision, ctx.reserved_g)}
                     except Exception as e:  # noqa: BLE001
                         failed("app.init_entrypoints_middleware", e)
                 await send(start)
@@ -143,11 +145,13 @@ class AdmissionMiddleware:
             _CTX.reset(token)
 
 
-def _decision_headers(d: Any) -> list[tuple[bytes, bytes]]:
+def _decision_headers(d: Any, reserved_g: float = 0.0) -> list[tuple[bytes, bytes]]:
     h = [(HEADER_DECISION.encode(), d.decision.encode()), (HEADER_REASON.encode(), d.reason.encode()),
          (HEADER_TENANT.encode(), d.tenant.encode("latin-1", "replace"))]
     if d.max_tokens is not None:
         h.append((HEADER_MAX_TOKENS.encode(), str(d.max_tokens).encode()))
+    if reserved_g > 0:
+        h.append((HEADER_RESERVED.encode(), f"{reserved_g:.6g}".encode()))
     return h
 
 
@@ -293,6 +297,8 @@ def setup(settings: Any, args: Any = None) -> _Admission | None:
                 raise
             log_once("admission-config", logging.ERROR, "llmco2: admission control OFF: %s", e)
             adm = None
+    if adm is not None:
+        _quiet_vllm_stream_errors()
     if adm is not None and args is not None:
         cfg = adm.controller.config
         policy = str(getattr(args, "scheduling_policy", "fcfs"))
@@ -305,6 +311,25 @@ def setup(settings: Any, args: Any = None) -> _Admission | None:
                            "keeps its own ledger view, so each can spend a tenant's whole budget")
     st.extra["admission"] = adm
     return adm
+
+
+class _DropRefusals(logging.Filter):
+    """vLLM's stream generators log every exception they turn into an error event with a traceback;
+    a refusal is an answer, not an error (it is counted and on a span): drop those records only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, "llmco2_admission", False)
+
+
+_STREAM_LOGGERS = ("vllm.entrypoints.openai.completion.serving", "vllm.entrypoints.openai.chat_completion.serving")
+
+
+def _quiet_vllm_stream_errors() -> None:
+    for name in _STREAM_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropRefusals) for f in lg.filters):
+            lg.addFilter(_DropRefusals())
 
 
 def _admission() -> _Admission | None:
@@ -376,8 +401,10 @@ def on_request(svc: Any, request: Any, prompt_len: int, running: int, siblings: 
         pred = cache.get(d.max_tokens) or svc.predict(rid, prompt_len, d.max_tokens, running, siblings)
     if d.priority is not None:
         request.priority = d.priority
-    if ctx is not None and (ctx.decision is None or d.decision != "admit"):
-        ctx.decision = d
+    if ctx is not None:
+        if ctx.decision is None or d.decision != "admit":
+            ctx.decision = d
+        ctx.reserved_g += d.reserved_g
     adm.keep(rid, pred.embodied_co2_g if pred is not None else 0.0, attrs)
     if pred is not None:
         svc.record(pred)
