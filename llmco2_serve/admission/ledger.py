@@ -140,6 +140,7 @@ class BudgetLedger:
         self._db: sqlite3.Connection | None = None
         self._q: queue.SimpleQueue[tuple[str, Entry | None]] = queue.SimpleQueue()
         self._flush_interval_s = flush_interval_s
+        self._flush_lock = threading.Lock()
         self._closed = threading.Event()
         self._writer: threading.Thread | None = None
         if path:
@@ -192,6 +193,10 @@ class BudgetLedger:
         db = self._db
         if db is None:
             return 0
+        with self._flush_lock:  # the writer thread and close()/callers share one connection
+            return self._flush_locked(db)
+
+    def _flush_locked(self, db: sqlite3.Connection) -> int:
         batch: dict[str, Entry] = {}
         deletes: list[str] = []
         while True:
@@ -205,10 +210,13 @@ class BudgetLedger:
                 deletes.append("")
         if not batch and not deletes:
             return 0
-        with self._lock:  # a consistent snapshot of each entry
-            rows = [(e.id, e.tenant, e.t, e.amount_ng, e.expected_ng, e.reserved_ng,
-                     SETTLED if e.state == SETTLED else RESERVED, e.source) for e in batch.values()]
-            cutoff = self._now - self.retention_s
+        entries = list(batch.values())
+        rows = []
+        for i in range(0, len(entries), 256):  # short holds of the decisions' lock, however big the backlog
+            with self._lock:  # a consistent snapshot of each entry
+                rows.extend((e.id, e.tenant, e.t, e.amount_ng, e.expected_ng, e.reserved_ng,
+                             SETTLED if e.state == SETTLED else RESERVED, e.source) for e in entries[i:i + 256])
+        cutoff = self._now - self.retention_s
         try:
             db.execute("BEGIN")
             db.executemany("INSERT OR REPLACE INTO ledger (id, tenant, t, amount_ng, expected_ng, reserved_ng, "
