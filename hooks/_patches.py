@@ -94,7 +94,11 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         why="Tokenised prompt, resolved max_tokens and the in-flight count are all known here, "
             "before engine_core.add_request_async: predict before scheduling (n>1 children too).",
         how="EnergyService.on_request(...) then the original; the prediction goes to the HTTP "
-            "request's header holder (contextvar).",
+            "request's header holder (contextvar). With admission control (hooks/admission.py) the "
+            "prediction is decided on first: a refusal raises a vllm.exceptions.GracefulHTTPError "
+            "subclass (HTTP 429/503) before the original registers the request (AsyncLLM aborts any "
+            "sibling already added); a lowered max_tokens is written to request.sampling_params and a "
+            "priority to request.priority before the engine core sees the request.",
         vllm_versions=_V, future="A request-admission hook (also needed by the admission issues)."),
     PatchSpec(
         "output_processor.process_outputs", "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
@@ -156,7 +160,10 @@ LEDGER: dict[str, PatchSpec] = {p.name: p for p in (
         "app.init_entrypoints_middleware", "vllm.entrypoints.launchers.app:init_entrypoints_middleware",
         why="x-llmco2-predicted-* HTTP response headers without a --middleware flag, and "
             "x-llmco2-measured-* on non-streaming responses (sent after all their sequences finished).",
-        how="Call the original, then app.add_middleware(LLMCO2HeadersMiddleware) (pure ASGI). "
+        how="Call the original, then app.add_middleware(LLMCO2HeadersMiddleware) (pure ASGI), and "
+            "with admission control AdmissionMiddleware (hooks/admission.py: request headers for the "
+            "tenant and deferral; a refused request's answer, also a streaming one's, becomes the 429 "
+            "JSON error with Retry-After). "
             "build_app looks the name up at call time; entry.build_app cannot be patched "
             "(python -m runs entry.py as __main__).",
         vllm_versions=_V, future="vllm.endpoint_plugins if it ever loads without VLLM_PLUGINS."),
