@@ -14,6 +14,7 @@ Usage (from the repository root)::
 
     python benchmarks/accuracy.py [--data PATH] [--json OUT] [--predictors gnn,llmcarbon,...]
     python benchmarks/accuracy.py --profile vllm     # the packaged vLLM records, leave-one-family-out
+    python benchmarks/accuracy.py --profile vllm --predictors gnn --calibrate 3   # + issue 7's calibrated score
 
 ``--profile NAME`` scores the packaged records of that engine profile, restricted to the families
 its weights are trained on, holding out one model family at a time (``--group family``); rows the
@@ -123,7 +124,41 @@ def exclusions(results: dict) -> list[str]:
     return out
 
 
-def run(data: Path, predictors: list[str], seed: int, group: str = "model", families=None) -> dict:
+def calibration_block(preds: dict, samples, k: int) -> dict:
+    """``llmco2 eval --calibrate K`` on the held-out predictions, plus a ceiling for its model form.
+
+    ``calibrated``: each deployment's first ``k`` records (file order) feed a fresh calibrator, the
+    rest are scored (:func:`evaluate_calibrated`). ``ceiling``: the same correction form (one factor
+    times a power of the batch) fitted by least squares in log space to *all* of a deployment's
+    records and scored on them: what a calibrator could reach with every operating point seen, so
+    the gap between the two is the extrapolation from the first ``k`` points.
+    """
+    from collections import defaultdict
+
+    from llmco2_serve.predictors.evaluate import deployment_key_of, evaluate_calibrated
+
+    r = evaluate_calibrated(preds, samples, k)
+    groups = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[deployment_key_of(s.record)].append(i)
+    errors = []
+    for idx in groups.values():
+        if len(idx) <= k:
+            continue
+        pred = np.asarray(preds["request"], np.float64)[idx]
+        meas = np.array([samples[i].request_energy_j for i in idx], np.float64)
+        ok = (meas > 0) & (pred > 0)
+        x = np.c_[np.ones(int(ok.sum())), np.log([samples[i].record.batch for i, o in zip(idx, ok) if o])]
+        coef = np.linalg.lstsq(x, np.log(meas[ok] / pred[ok]), rcond=None)[0]
+        errors.extend(np.abs(np.exp(x @ coef) * pred[ok] / meas[ok] - 1.0).tolist())
+    return {"k": k, "n": r["n"], "mape": r["mape"], "eba_10": r["eba_10"], "eba_30": r["eba_30"],
+            "uncalibrated": r["calibration"]["uncalibrated"],
+            "groups_scored": sum(g["status"] == "scored" for g in r["calibration"]["groups"]),
+            "ceiling_mape": float(np.mean(errors)) if errors else None}
+
+
+def run(data: Path, predictors: list[str], seed: int, group: str = "model", families=None,
+        calibrate: int | None = None) -> dict:
     from llmco2_serve.predictors.dataset import samples_from_records, supported_records
     from llmco2_serve.predictors.evaluate import evaluate, leave_one_architecture_out
     from llmco2_serve.prediction.records import load_records
@@ -147,6 +182,8 @@ def run(data: Path, predictors: list[str], seed: int, group: str = "model", fami
                 for i, s in enumerate(samples)]
         results[name] = {"evaluation": evaluate(preds, samples), "folds": folds, "runtime_s": elapsed,
                          "predictions": rows}
+        if calibrate is not None:
+            results[name]["calibrated"] = calibration_block(preds, samples, calibrate)
         print(f"[{name}] {len(folds)} folds in {elapsed:.1f} s", file=sys.stderr, flush=True)
     return {"data": str(data), "seed": seed, "n_samples": len(samples), "group": group,
             "skipped": skipped,
@@ -175,6 +212,16 @@ def report(out: dict) -> str:
     parts.append("")
     parts.extend(ex or ["- none"])
     parts.append("")
+    for n, r in results.items():
+        c = r.get("calibrated")
+        if c:
+            u = c["uncalibrated"]
+            parts.append(f"**{LABELS[n]}, calibrated on each deployment's first {c['k']} records** ({c['groups_scored']} "
+                         f"deployments, {c['n']} rows scored): MAPE {_pct(u['mape'])} -> {_pct(c['mape'])}, "
+                         f"EBA(10%) {_pct(u['eba_10'])} -> {_pct(c['eba_10'])}, EBA(30%) {_pct(u['eba_30'])} -> "
+                         f"{_pct(c['eba_30'])}; the same correction fitted to all of each deployment's records "
+                         f"(ceiling): MAPE {_pct(c['ceiling_mape'])}")
+            parts.append("")
     parts.append("Runtime: " + ", ".join(f"{LABELS[n]} {r['runtime_s']:.1f} s" for n, r in results.items()))
     return "\n".join(parts)
 
@@ -190,6 +237,9 @@ def main(argv=None) -> int:
                     help="score the packaged records of this engine profile (vllm, hf-eager) instead of --data")
     ap.add_argument("--group", choices=("model", "family"), default=None,
                     help="hold out one model or one family (default: family with --profile, model otherwise)")
+    ap.add_argument("--calibrate", type=int, default=None, metavar="K",
+                    help="also score the held-out predictions calibrated per deployment on its first K records "
+                         "(as `llmco2 eval --calibrate K`), with the ceiling of that correction")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small graphs; more oversubscribe 2 cores)")
     args = ap.parse_args(argv)
@@ -215,7 +265,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out = run(args.data, names, args.seed, group=group, families=families)
+    out = run(args.data, names, args.seed, group=group, families=families, calibrate=args.calibrate)
     out["runtime_s"] = time.perf_counter() - t0
     print(report(out))
     print(f"\nTotal runtime {out['runtime_s']:.1f} s (torch threads {args.threads}).")
