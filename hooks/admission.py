@@ -385,7 +385,7 @@ def on_request(svc: Any, request: Any, prompt_len: int, running: int, siblings: 
             if cfg.deferral is not None:
                 deferrable = ctx.headers.get(cfg.deferral.header, "").strip().lower() in ("1", "true", "yes", "on")
         d = ctl.decide(AdmissionRequest(rid, tenant, _predicted(pred), deferrable,
-                                        int(getattr(request, "priority", 0) or 0), what_if))
+                                        int(getattr(request, "priority", 0) or 0), what_if, max(1, int(siblings))))
     except Exception as e:  # noqa: BLE001 - fail-open boundary: admit
         failed("admission.decide", e)
         pred = svc.on_request(rid, prompt_len, sp.max_tokens, running, siblings)

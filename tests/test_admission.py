@@ -319,3 +319,40 @@ def test_deferral_points_at_the_next_cleaner_hour():
     # no cleaner hour within the horizon: not deferred forever
     short = AdmissionController(cfg(deferral={"max_intensity_g_per_kwh": 300, "horizon_s": 3600}), intensity=series)
     assert short.decide(AdmissionRequest("r4", "t", pred(0.1), deferrable=True), now=now).admitted
+
+
+def test_deferral_against_the_real_hourly_series_through_the_service_adapter():
+    """hooks/admission.py reads the service's grid source (carbon/intensity.py FileIntensity over the
+    packaged Electricity Maps DE 2022 series); Retry-After must point at the first cleaner hour of
+    the CSV itself (read here with the csv module)."""
+    import csv
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from llmco2_serve.carbon.intensity import FileIntensity, packaged_series_path
+    from llmco2_serve.hooks.admission import _ServiceIntensity
+
+    path = packaged_series_path("DE_2022_hourly.csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [(dt.datetime.fromisoformat(r["Datetime (UTC)"]).replace(tzinfo=dt.timezone.utc).timestamp(),
+                 float(r["Carbon Intensity gCO₂eq/kWh (LCA)"])) for r in csv.DictReader(f)]
+    threshold = 400.0
+    # an hour above the threshold that has a cleaner hour within the next day
+    i = next(k for k in range(100, len(rows) - 30) if rows[k][1] > threshold
+             and any(v < threshold for _, v in rows[k + 1:k + 24]))
+    want = next(t for t, v in rows[i + 1:] if v < threshold)
+    svc = SimpleNamespace(carbon_intensity=FileIntensity(path, static_g_per_kwh=481.0),
+                          settings=SimpleNamespace(intensity_g_per_kwh=481.0))
+    ctl = AdmissionController(cfg(deferral={"max_intensity_g_per_kwh": threshold, "horizon_s": 86400}),
+                              intensity=_ServiceIntensity(svc))
+    now = rows[i][0] + 600
+    d = ctl.decide(AdmissionRequest("r", "t", pred(0.1), deferrable=True), now=now)
+    assert d.decision == "defer" and d.retry_after_s == pytest.approx(want - now)
+    assert d.error_body()["error"]["llmco2"]["predicted"] == pytest.approx(rows[i][1])
+
+
+def test_cap_applies_to_all_sequences_of_one_http_request():
+    ctl = AdmissionController(cfg(request_cap={"co2_g": 0.5}))
+    assert ctl.decide(AdmissionRequest("a", "t", pred(0.3))).admitted
+    d = ctl.decide(AdmissionRequest("b", "t", pred(0.3), sequences=2))  # n = 2: 0.6 g in all
+    assert not d.admitted and d.error_body()["error"]["llmco2"]["predicted"] == pytest.approx(0.6)

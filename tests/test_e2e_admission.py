@@ -107,6 +107,9 @@ def test_cap_refuses_with_json_error_lowers_max_tokens_and_keeps_serving(setup, 
     # a streaming request over the cap gets the same 429 (not an error event inside a 200 stream)
     s, _, body = post(base, {"max_tokens": 200, "stream": True})
     assert s == 429 and body["error"]["llmco2"]["reason"] == "request_cap"
+    # n = 2 (two sequences, one HTTP request) over the cap: the whole request is refused
+    s, _, body = post(base, {"max_tokens": 200, "n": 2})
+    assert s == 429 and body["error"]["llmco2"]["reason"] == "request_cap"
     # the server keeps serving
     s, h, body = post(base, {"max_tokens": 5})
     assert s == 200 and body["choices"][0]["text"] is not None

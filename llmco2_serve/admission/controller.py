@@ -88,6 +88,9 @@ class AdmissionRequest:
     client_priority: int = 0  # vLLM's default 0 cannot be told apart from a client's explicit 0
     # The prediction at another max_tokens (for lowering); None: lowering is not possible.
     what_if: Callable[[int], Predicted | None] | None = None
+    # Sequences of the HTTP request this one belongs to (n > 1, multi-prompt completions), each
+    # predicted with an equal share: the per-request cap applies to their sum.
+    sequences: int = 1
 
 
 @dataclass
@@ -156,6 +159,12 @@ def tenant_from_headers(headers: Mapping[str, str], tenant_header: str) -> str:
         if key:
             return "key:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]
     return "default"
+
+
+def _scaled(p: Predicted | None, k: int) -> Predicted | None:
+    if p is None or k == 1:
+        return p
+    return Predicted(p.co2_g * k, p.co2_g_upper * k, p.energy_j * k, p.energy_j_upper * k, p.max_tokens)
 
 
 def _fmt(x: float) -> str:
@@ -264,18 +273,23 @@ class AdmissionController:
         # 1. per-request cap
         cap = cfg.request_cap
         if cap is not None:
-            over = self._over_cap(cap, pred)
+            k = max(1, int(req.sequences))
+            over = self._over_cap(cap, _scaled(pred, k))
             if over is not None:
                 value, limit, unit = over
                 new = None
                 if cap.action == "lower_max_tokens" and req.what_if is not None:
-                    new = self._lower(cap, req.what_if, pred.max_tokens)
+                    what_if = req.what_if
+                    new = self._lower(cap, lambda m: _scaled(what_if(m), k), pred.max_tokens)
+                    if new is not None:
+                        new = (what_if(new[1]) or new[0], new[1])
                 if new is None:
                     d = self._refused(
                         cfg, REFUSE, reason="request_cap", policy="request_cap", tenant=tenant, status=429,
                         message=(f"llmco2 admission: predicted {cap.on} {'carbon' if unit == 'g' else 'energy'} "
                                  f"{_fmt(value)} {unit} is above the per-request limit {_fmt(limit)} {unit} "
-                                 f"(policy request_cap, max_tokens {pred.max_tokens})"),
+                                 f"(policy request_cap, max_tokens {pred.max_tokens}"
+                                 + (f", {k} sequences" if k > 1 else "") + ")"),
                         predicted_value=value, limit=limit, unit=unit)
                     if not d.admitted:
                         return self._done(d)
