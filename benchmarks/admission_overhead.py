@@ -8,7 +8,7 @@ background thread meanwhile (its batches are timed too). Tenants are drawn from 
 the ledger is pre-filled with ``--prefill`` settled entries spread over the past day (so the day
 window holds them all), then requests arrive at 100/s across the tenants (some are over a budget).
 
-Run: python benchmarks/admission_overhead.py [--n 20000] [--tenants 50] [--prefill 100000] [--json OUT]
+Run: python benchmarks/admission_overhead.py [--n 20000] [--tenants 50] [--prefill 100000] [--in-situ 5000] [--json OUT]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--tenants", type=int, default=50)
     ap.add_argument("--prefill", type=int, default=100000, help="ledger entries written before timing")
+    ap.add_argument("--in-situ", type=int, default=5000, help="also time the API-server hook with a real "
+                    "EnergyService (Llama-3.1-8B table) for this many requests; 0: skip")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="llmco2-adm-bench-")
@@ -99,9 +101,70 @@ def main() -> None:
     print(f"  end+settle p50 {out['end_and_settle_us']['p50']:.1f} us  p99 {out['end_and_settle_us']['p99']:.1f} us")
     print(f"  decisions {decisions}; SQLite WAL store {out['store_bytes'] / 1e6:.1f} MB, written in the background")
     print(f"  (median of per-request decide: {statistics.median(decide_us):.1f} us)")
+    if args.in_situ:
+        out["in_situ"] = in_situ(args.in_situ, tmp)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def in_situ(n: int, tmp: str) -> dict:
+    """The hook the API server runs per request (hooks/admission.on_request: predict from the table,
+    decide, reserve, record) against EnergyService.on_request alone, Llama-3.1-8B fields on H100."""
+    from types import SimpleNamespace
+
+    from llmco2_serve.hooks import _state
+    from llmco2_serve.hooks import admission as hook
+    from llmco2_serve.runtime.service import EnergyService, ModelInfo
+    from llmco2_serve.runtime.settings import load_settings
+
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}
+    cfg_path = os.path.join(tmp, "admission.toml")
+    with open(cfg_path, "w") as f:
+        f.write('reload_interval_s = 0\n[request_cap]\nco2_g = 0.5\naction = "lower_max_tokens"\n'
+                '[budgets]\nstore = "%s"\n[budgets.default]\nper_minute_co2_g = 1e6\nper_hour_co2_g = 1e7\n'
+                'per_day_co2_g = 1e8\n[priority]\nby = "carbon"\nco2_g_thresholds = [0.01, 0.1]\n'
+                % os.path.join(tmp, "in_situ.sqlite"))
+    settings = load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_GPU": "H100", "LLMCO2_ADMISSION_CONFIG": cfg_path,
+                              "LLMCO2_PROMETHEUS": "0"})
+    svc = EnergyService(settings, ModelInfo(llama, "bench", max_model_len=8192, max_num_seqs=256), gpu_names=[],
+                        prediction_table="now")
+    st = _state.state()
+    st.active, st.settings = True, settings
+    st.extra["admission"] = hook._Admission(settings)
+    rng = np.random.default_rng(2)
+    prompts = rng.integers(16, 4096, n).tolist()
+    max_tokens = rng.choice([64, 256, 1024, 4096], n).tolist()
+    running = rng.integers(0, 256, n).tolist()
+
+    def req(i: int) -> SimpleNamespace:
+        return SimpleNamespace(request_id=f"s-{i}", priority=0,
+                               sampling_params=SimpleNamespace(max_tokens=int(max_tokens[i])))
+
+    lat_hook, lat_plain, lowered = [], [], 0
+    for i in range(n):
+        r = req(i)
+        t = time.perf_counter_ns()
+        hook.on_request(svc, r, prompts[i], running[i], 1)
+        lat_hook.append((time.perf_counter_ns() - t) / 1000)
+        lowered += r.sampling_params.max_tokens != max_tokens[i]
+        hook.on_finished(svc, r.request_id)
+        svc.forget(r.request_id)
+        t = time.perf_counter_ns()
+        svc.on_request(f"p-{i}", prompts[i], int(max_tokens[i]), running[i], 1)
+        lat_plain.append((time.perf_counter_ns() - t) / 1000)
+        svc.forget(f"p-{i}")
+    st.extra["admission"].close()
+    h, p = np.array(lat_hook), np.array(lat_plain)
+    res = {"n": n, "lowered": lowered,
+           "hook_us": {"p50": float(np.percentile(h, 50)), "p99": float(np.percentile(h, 99))},
+           "on_request_us": {"p50": float(np.percentile(p, 50)), "p99": float(np.percentile(p, 99))}}
+    print(f"in situ (hooks/admission.on_request = predict + decide + reserve + record), n={n}, {lowered} lowered:")
+    print(f"  with admission p50 {res['hook_us']['p50']:.1f} us  p99 {res['hook_us']['p99']:.1f} us;  "
+          f"EnergyService.on_request alone p50 {res['on_request_us']['p50']:.1f} us  p99 {res['on_request_us']['p99']:.1f} us")
+    return res
 
 
 if __name__ == "__main__":
