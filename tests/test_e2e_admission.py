@@ -262,8 +262,11 @@ def test_ledger_survives_a_restart(setup, server):
     r = setup["r_probe"]
     limit = max(spent_before + 0.5 * r, 1.001 * r)
     write_config(setup["cfg"], 'reload_interval_s = 0.5\n[budgets]\nstore = "%s"\n'
-                 '[budgets.tenants.team-day]\nper_day_co2_g = %r\n' % (setup["store"], limit))
-    srv = PluginServer(setup["tmp"] / "second", setup["env"], max_num_seqs=32)
+                 '[budgets.tenants.team-day]\nper_day_co2_g = %r\n'
+                 '[priority]\nby = "carbon"\nco2_g_thresholds = [1e-9]\n' % (setup["store"], limit))
+    # This server also runs vLLM's priority scheduler: admitted requests get a priority from their carbon.
+    srv = PluginServer(setup["tmp"] / "second", setup["env"], max_num_seqs=32,
+                       extra_args=["--scheduling-policy", "priority"])
     with srv:
         s, h, body = post(srv.base_url, {"max_tokens": 8}, {"x-llmco2-tenant": "team-day"})
         # what the first server spent is still counted: spent + this request is over the day budget
@@ -271,3 +274,10 @@ def test_ledger_survives_a_restart(setup, server):
         info = body["error"]["llmco2"]
         assert info["spent_g"] == pytest.approx(spent_before, rel=1e-4)
         assert post(srv.base_url, {"max_tokens": 8}, {"x-llmco2-tenant": "fresh"})[0] == 200
+        # priority: every request predicts more than 1e-9 g -> priority 1; a client's own priority is kept
+        assert post(srv.base_url, {"max_tokens": 4, "priority": -3}, {"x-llmco2-tenant": "fresh"})[0] == 200
+        spans = srv.receiver.wait_for_spans(lambda s: s["name"] == "llm_request"
+                                            and "llmco2.admission.decision" in s["attributes"],
+                                            timeout_s=20, count=2)
+        prios = sorted(s["attributes"].get("llmco2.admission.priority") is not None for s in spans)
+        assert prios == [False, True]  # set for the plain request, left alone for the client's -3

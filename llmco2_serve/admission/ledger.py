@@ -65,7 +65,7 @@ def to_ng(g: float) -> int:
     return int(round(g * NG_PER_G))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per request inside the longest window: keep them small
 class Entry:
     id: str
     tenant: str
