@@ -356,3 +356,31 @@ def test_cap_applies_to_all_sequences_of_one_http_request():
     assert ctl.decide(AdmissionRequest("a", "t", pred(0.3))).admitted
     d = ctl.decide(AdmissionRequest("b", "t", pred(0.3), sequences=2))  # n = 2: 0.6 g in all
     assert not d.admitted and d.error_body()["error"]["llmco2"]["predicted"] == pytest.approx(0.6)
+
+
+def test_no_file_form_and_settings(tmp_path):
+    from llmco2_serve.admission import config_from_settings
+    from llmco2_serve.runtime.settings import SettingsError, load_settings
+
+    s = load_settings({"LLMCO2_ADMISSION_MAX_REQUEST_CO2_G": "0.25", "LLMCO2_PAIRS_PATH": ""})
+    c = config_from_settings(s.admission_config, s.admission_max_request_co2_g)
+    assert c.request_cap.co2_g == 0.25 and c.request_cap.on == "upper" and c.request_cap.action == "refuse"
+    ctl = AdmissionController(c)
+    assert not ctl.decide(AdmissionRequest("r", "t", pred(0.3))).admitted
+    assert ctl.decide(AdmissionRequest("r2", "t", pred(0.2))).admitted
+    with pytest.raises(SettingsError, match="LLMCO2_ADMISSION_MAX_REQUEST_CO2_G"):
+        load_settings({"LLMCO2_ADMISSION_MAX_REQUEST_CO2_G": "lots"})
+    assert config_from_settings(None, None) is None  # admission off
+
+
+def test_invalid_policy_file_at_start_up_refuses_only_when_fail_open_is_off(tmp_path):
+    from llmco2_serve.hooks import _check_admission
+    from llmco2_serve.runtime.settings import load_settings
+
+    bad = tmp_path / "adm.toml"
+    bad.write_text('[budgets.tenants.team-a]\nper_hour_co2_g = "lots"\n')
+    strict = load_settings({"LLMCO2_ADMISSION_CONFIG": str(bad), "LLMCO2_FAIL_OPEN": "0", "LLMCO2_PAIRS_PATH": ""})
+    with pytest.raises(AdmissionConfigError, match="budgets.tenants.team-a.per_hour_co2_g"):
+        _check_admission(strict)
+    lenient = load_settings({"LLMCO2_ADMISSION_CONFIG": str(bad), "LLMCO2_PAIRS_PATH": ""})
+    _check_admission(lenient)  # logged; admission stays off, vLLM starts
