@@ -384,3 +384,17 @@ def test_invalid_policy_file_at_start_up_refuses_only_when_fail_open_is_off(tmp_
         _check_admission(strict)
     lenient = load_settings({"LLMCO2_ADMISSION_CONFIG": str(bad), "LLMCO2_PAIRS_PATH": ""})
     _check_admission(lenient)  # logged; admission stays off, vLLM starts
+
+
+def test_reservations_that_never_hear_back_expire_and_old_entries_are_dropped():
+    clock = Clock()
+    led = BudgetLedger(None, lambda t: (Window(60.0, 1.0),), retention_s=60, clock=clock)
+    assert led.try_reserve("a", "lost", 0.9, 0.2) is None
+    assert led.try_reserve("a", "next", 0.5, 0.1) is not None
+    clock.t += 30
+    assert led.expire_stale(ttl_s=20) == 1  # settled at its expected value
+    assert abs(led.spent_g("a", 60) - 0.2) < 1e-9 and led.open_reservations() == 0
+    assert led.try_reserve("a", "next", 0.5, 0.1) is None
+    clock.t += 61  # tenant "a" goes quiet: its entries leave with the next maintenance
+    led.expire_stale(ttl_s=20)
+    assert led.entries("a") == [] and led.entry("lost") is None

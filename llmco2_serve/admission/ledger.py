@@ -130,7 +130,9 @@ class BudgetLedger:
         self._clock = clock
         self._lock = threading.Lock()
         self._tenants: dict[str, _Tenant] = {}
-        self._by_id: dict[str, Entry] = {}
+        self._by_id: dict[str, Entry] = {}  # every entry inside the retention, by request id
+        # Reservations not ended yet, oldest first (for expiry without scanning every entry).
+        self._reserved: collections.OrderedDict[str, Entry] = collections.OrderedDict()
         self._ended: collections.deque[Entry] = collections.deque()  # in deadline order (constant wait)
         self._now = 0.0
         self.write_failures = 0
@@ -308,8 +310,8 @@ class BudgetLedger:
                 self._settle_locked(old, old.expected_ng, "expired", now)
             self._by_id[request_id] = e
             t.entries.append(e)
-            while t.entries and t.entries[0].t <= now - self.retention_s:
-                t.entries.popleft()
+            self._reserved[request_id] = e
+            self._trim_locked(t, now)
             for ws in t.windows:
                 ws.entries.append(e)
                 ws.sum_ng += amount
@@ -337,6 +339,7 @@ class BudgetLedger:
                 return False
             now = self._advance(self._clock() if now is None else now)
             e.fallback_ng = e.expected_ng if fallback_g is None else to_ng(fallback_g)
+            self._reserved.pop(request_id, None)
             if wait_s <= 0:
                 self._settle_locked(e, e.fallback_ng, "predicted", now)
             else:
@@ -372,17 +375,35 @@ class BudgetLedger:
         n = 0
         with self._lock:
             now = self._advance(self._clock() if now is None else now)
-            for e in list(self._by_id.values()):
-                if e.state == RESERVED and e.t <= now - ttl_s:
-                    self._settle_locked(e, e.expected_ng, "expired", now)
-                    n += 1
-            for rid in [rid for rid, e in self._by_id.items() if e.state == SETTLED and e.t <= now - self.retention_s]:
-                del self._by_id[rid]
+            q = self._reserved
+            while q:
+                e = next(iter(q.values()))
+                if e.t > now - ttl_s:
+                    break
+                self._settle_locked(e, e.expected_ng, "expired", now)  # removes it from _reserved
+                n += 1
+            for t in self._tenants.values():  # tenants that stopped sending: their old entries go too
+                self._trim_locked(t, now)
         if n or self._db is not None:
             self._q.put(("prune", None))
         return n
 
+    def _trim_locked(self, t: _Tenant, now: float) -> None:
+        """Drop a tenant's entries older than the retention (amortised O(1) per entry)."""
+        cutoff = now - self.retention_s
+        q = t.entries
+        while q and q[0].t <= cutoff:
+            old = q.popleft()
+            if self._by_id.get(old.id) is old:
+                del self._by_id[old.id]
+            if self._reserved.get(old.id) is old:
+                del self._reserved[old.id]
+        for ws in t.windows:
+            ws.expire(now)
+
     def _settle_locked(self, e: Entry, amount_ng: int, source: str, now: float) -> None:
+        if self._reserved.get(e.id) is e:
+            del self._reserved[e.id]
         delta = amount_ng - e.amount_ng
         e.amount_ng, e.state, e.source = amount_ng, SETTLED, source
         if source == "measured":
@@ -398,9 +419,6 @@ class BudgetLedger:
                         ws.sum_ng += delta
         if self._db is not None:
             self._q.put(("put", e))
-        if len(self._by_id) > 4 * 65536:  # settled entries are only kept for lookups; bound them
-            for rid in [rid for rid, x in self._by_id.items() if x.state == SETTLED][:65536]:
-                del self._by_id[rid]
 
     # ------------------------------------------------------------------ reading
     def spent_g(self, tenant: str, window_s: float, now: float | None = None) -> float:
@@ -424,4 +442,4 @@ class BudgetLedger:
 
     def open_reservations(self) -> int:
         with self._lock:
-            return sum(1 for e in self._by_id.values() if e.state != SETTLED)
+            return len(self._reserved) + sum(1 for e in self._ended if e.state == ENDED)
