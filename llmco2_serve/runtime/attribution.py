@@ -124,7 +124,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -470,9 +470,7 @@ class EnergyAttributor:
         keep their own time.
         """
         t = float(self._clock()) if now_s is None else float(now_s)
-        t0 = start_s if start_s > self._boundary_t else self._boundary_t
-        t1 = end_s if end_s < t else t
-        dur = t1 - t0 if t1 > t0 else 0.0
+        dur = self._step_duration(start_s, end_s, t, self._boundary_t)
         self._boundary_t = t
         n_rows = len(request_ids)
         if n_rows:
@@ -499,10 +497,7 @@ class EnergyAttributor:
             wsum = float(w.sum())
             if not wsum > 0.0:
                 raise ValueError("weights must be > 0")
-            if self._split_by_weight:
-                scale, step_m = 1.0, wsum
-            else:
-                scale, step_m = dur / wsum, dur
+            scale, step_m = self._mass_scale(dur, wsum)
             m = w * scale
             pre = np.asarray(is_prefill, dtype=bool)
             if self._failed:
@@ -547,6 +542,51 @@ class EnergyAttributor:
                 self._cum_mass_sq += step_m * step_m
         if read and not self._failed:
             self._read(t)
+
+    @staticmethod
+    def _step_duration(start_s: float, end_s: float, now_s: float, boundary_s: float) -> float:
+        """Device time of a step recorded at ``now_s`` after the boundary ``boundary_s``."""
+        t0 = start_s if start_s > boundary_s else boundary_s
+        t1 = end_s if end_s < now_s else now_s
+        return t1 - t0 if t1 > t0 else 0.0
+
+    def _mass_scale(self, dur: float, wsum: float) -> tuple[float, float]:
+        """(weight -> mass factor, the step's mass) of a step of ``dur`` s and weights summing to ``wsum``."""
+        return (1.0, wsum) if self._split_by_weight else (dur / wsum, dur)
+
+    def lookahead(self, request_id: str, steps: Sequence[tuple[float, float, Sequence[str], Sequence[bool], Any]]
+                  ) -> tuple[float, float, int, int] | None:
+        """What recording ``steps`` (in order, each ``(start_s, end_s, request_ids, is_prefill, weights)``,
+        recorded at its end time, without a read) would add to ``request_id``'s entry: (prefill mass,
+        decode mass, steps, rows), exactly as :meth:`record_step` adds it, without recording them.
+        None when it cannot say (the counters failed, or the rows would go to the unreported
+        entry): record them instead. A request with no entry yet gets its entry now, as its first
+        recorded row would give it."""
+        if self._failed:
+            return None
+        if request_id not in self._reqs and request_id not in self._pending:
+            if request_id in self._recent_done_set:
+                return None
+            self._entry_for(request_id)
+        boundary = self._boundary_t
+        mass_p = mass_d = 0.0
+        n_steps = n_rows = 0
+        for start_s, end_s, rids, is_prefill, weights in steps:
+            dur = self._step_duration(start_s, end_s, end_s, boundary)
+            boundary = end_s
+            hits = [i for i, r in enumerate(rids) if r == request_id]
+            if not hits:
+                continue
+            n_steps += len(hits)  # (a request with two rows in a step counts both, as record_step does)
+            n_rows += len(hits) * len(rids)
+            if dur > 0.0:
+                scale, _ = self._mass_scale(dur, float(np.sum(weights)))
+                for i in hits:
+                    if is_prefill[i]:
+                        mass_p += float(weights[i]) * scale
+                    else:
+                        mass_d += float(weights[i]) * scale
+        return mass_p, mass_d, n_steps, n_rows
 
     def _entry_for(self, rid: str) -> _Req:
         """Ledger entry for a row whose request is not live: late work of a finished request
@@ -596,13 +636,15 @@ class EnergyAttributor:
         if req is not None:
             self._counts[0, req.slot] += 1
 
-    def peek(self, request_id: str, aborted: bool | None = None) -> MeasuredEnergy:
+    def peek(self, request_id: str, aborted: bool | None = None,
+             ahead: tuple[float, float, int, int] | None = None) -> MeasuredEnergy:
         """The current (non-final) value of a live request, without finishing it (``aborted``:
-        say so in the value, for a finish that is deferred)."""
+        say so in the value, for a finish that is deferred; ``ahead``: what steps not yet
+        recorded add to it, from :meth:`lookahead`)."""
         req = self._reqs.get(request_id) or self._pending.get(request_id)
         if req is None:
             return self._never_scheduled(request_id, bool(aborted), final=False)
-        return self._result(req, final=False, aborted=aborted)
+        return self._result(req, final=False, aborted=aborted, ahead=ahead)
 
     def on_finished(self, request_id: str, aborted: bool = False) -> MeasuredEnergy:
         """The request left the engine (finished or aborted). Returns at once: the open-window
@@ -922,11 +964,13 @@ class EnergyAttributor:
         if self._on_final is not None:
             self._on_final(result)
 
-    def _result(self, req: _Req, final: bool, aborted: bool | None = None) -> MeasuredEnergy:
+    def _result(self, req: _Req, final: bool, aborted: bool | None = None,
+                ahead: tuple[float, float, int, int] | None = None) -> MeasuredEnergy:
         s = req.slot
         if aborted is None:
             aborted = req.aborted
-        n_steps = int(self._acc[_STEPS, s])
+        ahead_p, ahead_d, ahead_steps, ahead_rows = ahead if ahead is not None else (0.0, 0.0, 0, 0)
+        n_steps = int(self._acc[_STEPS, s]) + ahead_steps
         n_pre = int(self._counts[0, s])
         n = self._n_devices
         if n == 0:
@@ -942,7 +986,7 @@ class EnergyAttributor:
         est_p, est_d = float(self._lost[0, s]), float(self._lost[1, s])
         if not final:
             # open-window estimate, per device: k_d x its mass since d's last close (one gather)
-            acc_p, acc_d = float(self._acc[_MP, s]), float(self._acc[_MD, s])
+            acc_p, acc_d = float(self._acc[_MP, s]) + ahead_p, float(self._acc[_MD, s]) + ahead_d
             ks = self._k
             for d, (snap_p, snap_d) in enumerate(self._snap[:, _MP:_MD + 1, s].tolist()):
                 open_p = acc_p - snap_p
@@ -966,7 +1010,7 @@ class EnergyAttributor:
             n_preemptions=n_pre,
             aborted=aborted,
             final=final,
-            mean_batch=float(self._acc[_ROWS, s]) / n_steps if n_steps else 0.0,
+            mean_batch=(float(self._acc[_ROWS, s]) + ahead_rows) / n_steps if n_steps else 0.0,
         )
 
     def _never_scheduled(self, rid: str, aborted: bool, final: bool) -> MeasuredEnergy:

@@ -70,10 +70,10 @@ class EngineMeter:
         self._open: dict[Any, tuple[float, list[StepRow], frozenset[str]]] = {}
         # Background reads also move the recording of finished steps (row weights, the ledger's
         # vector updates) off the step thread: steps queue here, in order, and the poller records
-        # them. A finishing request's queued steps are recorded inline first (its first answer is
-        # exact), and the queue is bounded (recorded inline when full: a stalled poller costs
-        # speed, never data).
-        self._queue: list[tuple[float, float, list[StepRow], frozenset[str]]] = []
+        # them. A finishing request's value so far adds what its queued steps would add (the same
+        # sums, attribution.lookahead), so its first answer is exact without recording them; the
+        # queue is bounded (recorded inline when full: a stalled poller costs speed, never data).
+        self._queue: list[list] = []  # [start, end, rows, request ids, columns or None]
         self._deferred: dict[str, bool] = {}  # finished while in a step in flight -> aborted flag
         self._costs: StepCostModel | None = None
         self.steps = 0
@@ -149,11 +149,12 @@ class EngineMeter:
             read = now - self._last_read_t >= self.min_read_interval_s
             if read:
                 self._last_read_t = now
+            step = [item[0], now, item[1], item[2], None]
             if not self.background_reads:
-                self._record(item[0], now, item[1], item[2], read=read)
+                self._record(step, read=read)
                 return
             queue = self._queue
-            queue.append((item[0], now, item[1], item[2]))
+            queue.append(step)
             if len(queue) > _MAX_QUEUED_STEPS:
                 self._record_queued()
             if read:
@@ -165,14 +166,23 @@ class EngineMeter:
         self._read_flagged = True
         self._read_due.set()
 
-    def _record(self, start: float, end: float, rows: list[StepRow], rids: frozenset[str], read: bool) -> None:
-        """Record one finished step in the attributor (under the lock)."""
-        rid_col, phase_col, n_col, ctx_col = zip(*rows)
-        w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
-        self.attributor.record_step(start, end, rid_col, list(map(_PREFILL.__eq__, phase_col)),
-                                    w, read=read, work_s=comp is not None, compute_s=comp, now_s=end)
+    def _columns(self, item: list) -> tuple:
+        """(request ids, is-prefill flags, row weights, their compute parts) of a queued or
+        finishing step; computed once per step (cached in a queued item)."""
+        cols = item[4]
+        if cols is None:
+            rid_col, phase_col, n_col, ctx_col = zip(*item[2])
+            w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
+            cols = item[4] = (rid_col, list(map(_PREFILL.__eq__, phase_col)), w, comp)
+        return cols
+
+    def _record(self, item: list, read: bool) -> None:
+        """Record one finished step (``[start, end, rows, rids, columns]``) in the attributor (under the lock)."""
+        rid_col, is_prefill, w, comp = self._columns(item)
+        self.attributor.record_step(item[0], item[1], rid_col, is_prefill, w, read=read,
+                                    work_s=comp is not None, compute_s=comp, now_s=item[1])
         if self._deferred:
-            for rid in [r for r in self._deferred if r in rids]:
+            for rid in [r for r in self._deferred if r in item[3]]:
                 if not self._holds(rid):
                     self.attributor.on_finished(rid, aborted=self._deferred.pop(rid))
 
@@ -185,8 +195,7 @@ class EngineMeter:
         queue = self._queue
         n = len(queue) if upto is None else upto
         for _ in range(n):
-            start, end, rows, rids = queue.pop(0)
-            self._record(start, end, rows, rids, read=False)
+            self._record(queue.pop(0), read=False)
 
     def preempted(self, request_id: str) -> None:
         with self._lock:
@@ -197,10 +206,18 @@ class EngineMeter:
         flight still holds it (async scheduling, aborts before the step's output)."""
         with self._lock:
             queue = self._queue
-            if queue:  # its steps not yet recorded: record them now, so its value so far is exact
+            if queue:  # steps holding it not yet recorded (the poller records them)
                 last = max((i for i, q in enumerate(queue) if request_id in q[3]), default=-1)
                 if last >= 0:
-                    self._record_queued(last + 1)
+                    # Its value so far as if they were recorded (the same sums, without the ledger's
+                    # vector updates); its finish waits for them like for a step in flight.
+                    ahead = self.attributor.lookahead(request_id, [
+                        (q[0], q[1], *self._columns(q)[:3]) for q in queue[:last + 1]])
+                    if ahead is None:  # no entry yet, or the counters failed: record them now
+                        self._record_queued(last + 1)
+                    else:
+                        self._deferred[request_id] = aborted
+                        return self.attributor.peek(request_id, aborted=aborted, ahead=ahead)
             for o in self._open.values():
                 if request_id in o[2]:
                     self._deferred[request_id] = aborted
