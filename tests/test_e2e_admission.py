@@ -175,6 +175,9 @@ def test_tenant_budget_spent_and_refilled_as_the_window_rolls(setup, server):
     assert metric_value(base, "refuse", "tenant_budget") >= 2
 
 
+BURST = 200  # issue 9: 200 concurrent requests from one tenant against one budget
+
+
 def _wave(base: str, tenant: str, n: int) -> list:
     out: list = []
     barrier = threading.Barrier(n)
@@ -195,17 +198,17 @@ def test_concurrent_requests_against_one_budget_account_exactly(setup, server):
     base = server["base"]
     # Concurrent requests share their batch, so each reserves less than a lone one: size the
     # budget from an unlimited wave of the same shape (about a third of it will fit).
-    probe = _wave(base, "probe", 24)
+    probe = _wave(base, "probe", BURST)
     assert all(s == 200 for s, _, _ in probe)
     limit = 0.35 * sum(float(h["x-llmco2-admission-reserved-co2-g"]) for _, h, _ in probe)
     write_config(setup["cfg"], 'reload_interval_s = 0.5\n[budgets]\nstore = "%s"\n'
                  '[budgets.tenants.team-day]\nper_day_co2_g = %r\n'
                  '[budgets.tenants.burst]\nper_hour_co2_g = %r\n' % (setup["store"], 1.5 * setup["r_probe"], limit))
     time.sleep(2.0)
-    out = _wave(base, "burst", 24)
+    out = _wave(base, "burst", BURST)
     ok = [h for s, h, _ in out if s == 200]
     no = [b for s, _, b in out if s == 429]
-    assert len(ok) + len(no) == 24 and ok and no
+    assert len(ok) + len(no) == BURST and ok and no
     # what the admitted requests settle at (no measurement: their expected values), and the ledger
     expected = sum(float(h["x-llmco2-predicted-co2-g"]) for h in ok)
     assert sum(float(h["x-llmco2-admission-reserved-co2-g"]) for h in ok) >= expected
