@@ -16,6 +16,9 @@ Where each part hooks in (ledger entries in ``_patches.py``):
   (a 429 JSON for a plain request, but a 200 event stream carrying an error for a streaming one)
   with the 429 and the OpenAI-style JSON error of the decision, and a ``Retry-After`` header.
   Admitted responses get ``x-llmco2-admission`` (and ``x-llmco2-admission-max-tokens`` when lowered).
+* **Several API servers** (``--api-server-count N > 1``, :func:`api_server_processes`): each process
+  builds its own controller, and the budgets go through one ``SharedBudgetLedger`` (SQLite
+  transactions on the same file) so that they stay exact across the processes.
 * **Request end**: ``api_server.py`` calls :func:`on_finished` (span attributes and the budget's
   settlement) and :func:`on_aborted`; the service's ``final_value_hook`` brings measured final values.
 
@@ -159,7 +162,7 @@ def _decision_headers(d: Any, reserved_g: float = 0.0) -> list[tuple[bytes, byte
 class _Admission:
     """The process's controller, its config watcher, metrics and per-request bookkeeping."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, processes: int = 1) -> None:
         from llmco2_serve.admission import AdmissionController, ConfigWatcher, config_from_settings
 
         self.watcher = (ConfigWatcher(settings.admission_config, settings.admission_max_request_co2_g)
@@ -168,7 +171,7 @@ class _Admission:
                   else config_from_settings(None, settings.admission_max_request_co2_g))
         self.settings = settings
         self.counter = _prometheus_counter()
-        self.controller = AdmissionController(config, on_decision=self._count)
+        self.controller = AdmissionController(config, on_decision=self._count, processes=processes)
         self.intensity_bound = False
         self._lock = threading.Lock()
         self._embodied: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -176,7 +179,10 @@ class _Admission:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmco2-admission", daemon=True)
         self._thread.start()
-        logger.info("llmco2: %s", config.describe())
+        led = self.controller.ledger
+        logger.info("llmco2: %s%s", config.describe(),
+                    f"; budgets shared by {processes} API server processes through {led.path}"
+                    if led is not None and type(led).__name__ == "SharedBudgetLedger" else "")
 
     def _count(self, d: Any) -> None:
         c = self.counter
@@ -291,7 +297,7 @@ def setup(settings: Any, args: Any = None) -> _Admission | None:
     adm = None
     if settings.admission_config or settings.admission_max_request_co2_g is not None:
         try:
-            adm = _Admission(settings)
+            adm = _Admission(settings, api_server_processes(args))
         except Exception as e:
             if not settings.fail_open:
                 raise
@@ -306,11 +312,29 @@ def setup(settings: Any, args: Any = None) -> _Admission | None:
             logger.warning("llmco2: admission [priority] is set but vLLM runs --scheduling-policy %s: the "
                            "priorities are set and ignored by its scheduler (use --scheduling-policy priority)",
                            policy)
-        if cfg.budgets is not None and int(getattr(args, "api_server_count", 1) or 1) > 1:
-            logger.warning("llmco2: admission budgets with --api-server-count > 1: each API server process "
-                           "keeps its own ledger view, so each can spend a tenant's whole budget")
+        if cfg.budgets is not None and cfg.budgets.shared is False and api_server_processes(args) > 1:
+            logger.warning("llmco2: admission budgets with --api-server-count > 1 and budgets.shared = false: "
+                           "each API server process keeps its own ledger, so each can spend a tenant's whole budget")
     st.extra["admission"] = adm
     return adm
+
+
+def api_server_processes(args: Any) -> int:
+    """How many API-server processes of this ``vllm serve`` decide on the same budgets.
+
+    vLLM 0.32 (``entrypoints/cli/serve.py``): ``args.api_server_count`` stays N in every API-server
+    process it spawns for N > 1 (``run_multi_api_server`` passes the same args to each), and is set
+    to None on the single-server path; with N > 1 it also sets ``PROMETHEUS_MULTIPROC_DIR`` before
+    spawning. Without args (another launcher) that variable is the sign of several processes."""
+    n = getattr(args, "api_server_count", None) if args is not None else None
+    if n is None:
+        import os
+
+        return 2 if args is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR") else 1
+    try:
+        return max(1, int(n))
+    except (TypeError, ValueError):
+        return 1
 
 
 class _DropRefusals(logging.Filter):
@@ -447,7 +471,10 @@ def _end(adm: _Admission, svc: Any, request_id: str) -> None:
     measuring = bool(svc is not None and getattr(svc, "_engine_measuring", lambda: False)())
     ledger, b = adm.controller.ledger, adm.controller.config.budgets
     if ledger is not None and b is not None:
-        ledger.end(request_id, None, b.settle_wait_s if measuring else 0.0)
+        try:
+            ledger.end(request_id, None, b.settle_wait_s if measuring else 0.0)
+        except Exception as e:  # noqa: BLE001 - a shared store failing: counted, the reservation expires later
+            adm.controller._store_failed(e)
 
 
 def on_aborted(svc: Any, request_ids: Any) -> None:

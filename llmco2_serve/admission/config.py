@@ -19,6 +19,7 @@ Layout (every table optional; see README "Admission control")::
 
     [budgets]                   # per-tenant carbon budgets over rolling windows
     store = "/var/lib/llmco2/admission.sqlite"
+    shared = "auto"             # one budget over several processes (auto: --api-server-count > 1)
     tenant_header = "x-llmco2-tenant"   # else the API key (hashed), else "default"
     default = { per_hour_co2_g = 50 }   # tenants not listed below ("" or absent: unlimited)
     [budgets.tenants.team-a]
@@ -109,6 +110,9 @@ class BudgetConfig:
     # After a request ends, how long to wait for its measured final value before settling with
     # the prediction (the final follows within about one counter period, < 1 s on NVML).
     settle_wait_s: float = 5.0
+    # Several processes on one node spend the same budgets (SharedBudgetLedger): None = when vLLM
+    # runs more than one API server (--api-server-count > 1); True/False force it.
+    shared: bool | None = None
 
     def budget_for(self, tenant: str) -> TenantBudget:
         return self.tenants.get(tenant, self.default)
@@ -159,7 +163,8 @@ class AdmissionConfig:
         b = self.budgets
         if b is not None:
             parts.append(f"budgets for {len(b.tenants)} tenant(s)"
-                         f"{' + default' if b.default.limited else ''}, store {b.store or 'memory'}")
+                         f"{' + default' if b.default.limited else ''}, store {b.store or 'memory'}"
+                         f"{'' if b.shared is None else ', shared' if b.shared else ', not shared'}")
         if self.priority is not None:
             parts.append(f"priority by {self.priority.by}")
         if self.deferral is not None:
@@ -265,7 +270,11 @@ def parse_config(doc: Mapping[str, Any], source: str = "") -> AdmissionConfig:
     if "budgets" in d:
         k = p + "budgets"
         b = _table(k, d["budgets"])
-        _no_unknown(k, b, {"store", "tenant_header", "default", "tenants", "reservation_ttl_s", "settle_wait_s"})
+        _no_unknown(k, b, {"store", "tenant_header", "default", "tenants", "reservation_ttl_s", "settle_wait_s",
+                           "shared"})
+        shared_raw = b.get("shared", "auto")
+        if shared_raw != "auto" and not isinstance(shared_raw, bool):
+            raise AdmissionConfigError(f"{k}.shared", f"expected true, false or \"auto\", got {shared_raw!r}")
         store = b.get("store")
         if store is not None and (not isinstance(store, str) or not store.strip()):
             raise AdmissionConfigError(f"{k}.store", f"expected a file path, got {store!r}")
@@ -281,7 +290,8 @@ def parse_config(doc: Mapping[str, Any], source: str = "") -> AdmissionConfig:
             default=_budget(f"{k}.default", b.get("default", {})),
             tenants=tenants,
             reservation_ttl_s=_number(f"{k}.reservation_ttl_s", b.get("reservation_ttl_s", 3600.0)),
-            settle_wait_s=_number(f"{k}.settle_wait_s", b.get("settle_wait_s", 5.0), allow_zero=True))
+            settle_wait_s=_number(f"{k}.settle_wait_s", b.get("settle_wait_s", 5.0), allow_zero=True),
+            shared=None if shared_raw == "auto" else shared_raw)
 
     priority = None
     if "priority" in d:

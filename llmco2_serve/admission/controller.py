@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .config import AdmissionConfig, TenantBudget, Window
-from .ledger import BudgetLedger, StoreError
+from .ledger import BudgetLedger, SharedBudgetLedger, StoreError, default_shared_path
 
 logger = logging.getLogger(__name__)
 
@@ -179,12 +179,16 @@ class AdmissionController:
         intensity: the grid intensity source for deferral (default: none, deferral admits).
         clock: wall clock (s since the epoch) for windows and Retry-After.
         on_decision: called with every :class:`Decision` (the hooks count it in Prometheus).
+        processes: how many processes of this server decide on the same budgets (vLLM's
+            ``--api-server-count``); above 1 the budgets use the :class:`SharedBudgetLedger`
+            (exact across them) unless ``budgets.shared`` says otherwise.
     """
 
     def __init__(self, config: AdmissionConfig, *, intensity: IntensitySource | None = None,
                  clock: Callable[[], float] = time.time,
-                 on_decision: Callable[[Decision], None] | None = None) -> None:
+                 on_decision: Callable[[Decision], None] | None = None, processes: int = 1) -> None:
         self.config = config
+        self.processes = max(1, int(processes))
         self.intensity = intensity
         self._clock = clock
         self.on_decision = on_decision
@@ -206,16 +210,23 @@ class AdmissionController:
         if b is None:
             return
         retention = max(b.max_window_s, 60.0)
-        if self.ledger is not None and self._ledger_path == b.store:
+        shared = self.processes > 1 if b.shared is None else b.shared
+        # Shared without a configured store: one file per run that all the API servers find.
+        path = (b.store or default_shared_path()) if shared else b.store
+        if (self.ledger is not None and self._ledger_path == path
+                and isinstance(self.ledger, SharedBudgetLedger) == shared):
             self.ledger.retention_s = max(self.ledger.retention_s, retention)
             self.ledger.reconfigure(self._windows_for)
             return
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
-        self._ledger_path = b.store
+        self._ledger_path = path
         try:
-            self.ledger = BudgetLedger(b.store, self._windows_for, retention_s=retention, clock=self._clock)
+            if shared:
+                self.ledger = SharedBudgetLedger(path, self._windows_for, retention_s=retention, clock=self._clock)
+            else:
+                self.ledger = BudgetLedger(path, self._windows_for, retention_s=retention, clock=self._clock)
             self.store_error = None
         except StoreError as e:
             self.store_error = str(e)
@@ -435,16 +446,29 @@ class AdmissionController:
         one comes within ``settle_wait_s``, else at ``fallback_g`` (None: the expected value)."""
         ledger, b = self.ledger, self.config.budgets
         if ledger is not None and b is not None:
-            ledger.end(request_id, fallback_g, b.settle_wait_s)
+            try:
+                ledger.end(request_id, fallback_g, b.settle_wait_s)
+            except StoreError as e:  # shared store: counted; the reservation expires later
+                self._store_failed(e)
 
     def measured(self, request_id: str, co2_g: float) -> None:
         """The request's measured final value (g CO2e)."""
         if self.ledger is not None:
-            self.ledger.settle(request_id, co2_g, "measured")
+            try:
+                self.ledger.settle(request_id, co2_g, "measured")
+            except StoreError as e:
+                self._store_failed(e)
 
     def maintain(self) -> None:
         """Periodic: settle ended entries whose measurement did not come, expire lost reservations."""
         ledger, b = self.ledger, self.config.budgets
         if ledger is not None and b is not None:
-            ledger.sweep()
-            ledger.expire_stale(b.reservation_ttl_s)
+            try:
+                ledger.sweep()
+                ledger.expire_stale(b.reservation_ttl_s)
+            except StoreError as e:
+                self._store_failed(e)
+
+    def _store_failed(self, e: Exception) -> None:
+        self.failures["store"] += 1
+        logger.debug("llmco2: admission: budget store failed: %s", e)
