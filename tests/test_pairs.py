@@ -298,3 +298,45 @@ def test_every_prefix_of_a_real_row_is_a_cut_off_row():
                                   "{,", '{"a": 1,,', '{"a": [1 2', "plain text"])
 def test_malformed_lines_are_not_cut_off_rows(line):
     assert not is_cut_off_row(line)
+
+
+# --- what the service writes ------------------------------------------------------------------
+
+
+def test_pair_carries_the_grid_intensity_at_its_final_value_not_the_static_setting(tmp_path):
+    """A time-varying LLMCO2_CARBON_INTENSITY (a recorded series with one row per second): the pair
+    says the intensity of the second its final value came in, looked up here in the CSV itself,
+    which differs from the static setting and from the one at admission."""
+    from llmco2_serve.devtools.tinymodel import tiny_config
+    from llmco2_serve.runtime.service import EnergyService, ModelInfo
+    from llmco2_serve.runtime.settings import load_settings
+
+    t0 = int(time.time()) - 5
+    values = {t0 + i: 100.0 + 7.0 * (i % 40) for i in range(120)}  # never 481 (the static setting)
+    csv = tmp_path / "ci.csv"
+    csv.write_text("timestamp,g_per_kwh\n" + "".join(f"{t},{v}\n" for t, v in values.items()))
+    settings = load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), "LLMCO2_GPU": "H100",
+                              "LLMCO2_CARBON_INTENSITY": f"file:{csv}", "LLMCO2_CALIBRATION": "0"})
+    model = ModelInfo(hf_config={**tiny_config("llama"), "torch_dtype": "float32"}, model_name="tiny",
+                      dtype="float32", max_model_len=512, max_num_seqs=8)
+    svc = EnergyService(settings, model, gpu_names=[], prediction_table="off")
+    try:
+        # a measuring engine (its books come from start-up on), then the request
+        svc.on_engine_finals(json.dumps({"finals": [], "books": {"engine": 0, "source": "nvml", "devices": []}}))
+        p = svc.on_request("r", prompt_len=20, max_tokens=50, running_requests=0)
+        svc.on_finished("r", 30, None)
+        time.sleep(1.1)  # the final value comes later, in another second of the series
+        svc.on_engine_finals(json.dumps({"finals": [["r", 2.0, 6.0, 0.1, 0.0, "nvml", 31, 0, False, 1.0, 0, 30]]}))
+    finally:
+        svc.close()
+    row = json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])
+    fin = row["finished_unix_s"]
+    # the CSV's row for that second (finished_unix_s is rounded to the ms: either side of a boundary)
+    truth = {values[int(fin)], values[int(fin - 0.0006)]}
+    assert row["carbon_intensity_g_per_kwh"] in truth
+    assert row["carbon_intensity_source"] == "file"
+    assert row["carbon_intensity_g_per_kwh"] != settings.intensity_g_per_kwh
+    # the prediction was priced at admission, a different second of the same series
+    assert p.carbon_intensity_g_per_kwh in values.values()
+    assert row["carbon_intensity_g_per_kwh"] != p.carbon_intensity_g_per_kwh
+    assert row["pue"] == settings.pue

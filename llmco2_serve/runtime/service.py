@@ -710,7 +710,8 @@ class EnergyService:
         if pre is None or dec is None:
             return
         energy = pre + dec
-        ci = self.carbon_intensity.at(time.time())  # the final value comes ~one counter period after finish
+        final_s = time.time()
+        ci = self.carbon_intensity.at(final_s)  # the final value comes ~one counter period after finish
         co2 = operational_co2_g(max(0.0, energy), self.settings.pue, ci.g_per_kwh)
         errors = self.metrics.record_measured(
             model=self.model.model_name, source=str(source), prefill_energy_j=max(0.0, pre),
@@ -767,7 +768,9 @@ class EnergyService:
             self._keep_pair(pred, int(gen), {"measured_source": str(source),
                 "prefill_energy_j": pre, "decode_energy_j": dec, "energy_j": energy, "uncertainty_j": unc,
                 "estimated_energy_j": est, "n_preemptions": n_pre, "n_steps": n_steps,
-                "mean_batch": mean_batch, "cached_tokens": cached})
+                "mean_batch": mean_batch, "cached_tokens": cached,
+                # the intensity the measured CO2 above was priced at (at the final value)
+                "finished_unix_s": final_s, "carbon_intensity": ci})
 
     def _take_books(self, books: Mapping[str, Any]) -> None:
         """Cumulative energy books of one engine core -> metric deltas (per GPU)."""
@@ -818,6 +821,7 @@ class EnergyService:
         md = self.model
         cached = m.get("cached_tokens")
         mean_batch = m.get("mean_batch")
+        ci = m.get("carbon_intensity")
         row = {
             "model": md.model_name, "arch": dict(md.hf_config), "dtype": md.quantization or md.dtype,
             "gpu": self.gpu_label, "n_gpu": md.n_gpu,
@@ -837,9 +841,12 @@ class EnergyService:
             "predicted_gen_tokens": pred.gen_tokens, "predictor": self.predictor_label,
             # the held-out split of `llmco2 retrain` is by request; what measured it (nvml; fake: tests)
             "request_id": pred.request_id, "measured_source": m.get("measured_source", "nvml"),
-            # when its final value came, and the carbon settings of the time (llmco2 report)
-            "finished_unix_s": round(time.time(), 3),
-            "carbon_intensity_g_per_kwh": self.settings.intensity_g_per_kwh, "pue": self.settings.pue,
+            # when its final value came, and the carbon settings of that time, the ones its measured
+            # CO2 was priced at (LLMCO2_CARBON_INTENSITY's value then, not the static setting)
+            "finished_unix_s": round(m.get("finished_unix_s") or time.time(), 3),
+            "carbon_intensity_g_per_kwh": ci.g_per_kwh if ci is not None else self.settings.intensity_g_per_kwh,
+            "carbon_intensity_source": ci.source if ci is not None else "static",
+            "pue": self.settings.pue,
         }
         self._pairs.write(row)
 
