@@ -197,3 +197,30 @@ def test_a_shared_store_that_cannot_be_opened_fails_open(tmp_path):
 
     d = ctl.decide(AdmissionRequest("r", "t", Predicted(0.1, 1.0, 1.0, 10.0, 100)))
     assert d.admitted and d.reason == "store_error"
+
+
+def test_the_api_server_hook_shares_the_budget_when_vllm_runs_several(tmp_path):
+    """hooks/admission.setup with the args vLLM gives each API-server process (N > 1, and None on
+    its single-server path)."""
+    from llmco2_serve.hooks import _state
+    from llmco2_serve.hooks import admission as hook
+    from llmco2_serve.runtime.settings import load_settings
+
+    conf = tmp_path / "adm.toml"
+    conf.write_text('[budgets]\nstore = "%s"\n[budgets.default]\nper_hour_co2_g = 1.0\n' % (tmp_path / "s.sqlite"))
+    settings = load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_ADMISSION_CONFIG": str(conf), "LLMCO2_PROMETHEUS": "0"})
+    st = _state.state()
+    saved = (st.active, st.settings, dict(st.extra))
+    try:
+        st.active, st.settings = True, settings
+        kinds = {}
+        for n in (3, None):
+            st.extra.pop("admission", None)
+            adm = hook.setup(settings, argparse.Namespace(api_server_count=n, scheduling_policy="fcfs"))
+            kinds[n] = type(adm.controller.ledger)
+            adm.close()
+        assert kinds == {3: SharedBudgetLedger, None: BudgetLedger}
+    finally:
+        st.active, st.settings = saved[0], saved[1]
+        st.extra.clear()
+        st.extra.update(saved[2])
