@@ -124,7 +124,7 @@ def exclusions(results: dict) -> list[str]:
     return out
 
 
-def calibration_block(preds: dict, samples, k: int) -> dict:
+def calibration_block(preds: dict, samples, k: int, calibrator_options: dict | None = None) -> dict:
     """``llmco2 eval --calibrate K`` on the held-out predictions, plus a ceiling for its model form.
 
     ``calibrated``: each deployment's first ``k`` records (file order) feed a fresh calibrator, the
@@ -135,9 +135,12 @@ def calibration_block(preds: dict, samples, k: int) -> dict:
     """
     from collections import defaultdict
 
+    from llmco2_serve.prediction.calibration import Calibrator
     from llmco2_serve.predictors.evaluate import deployment_key_of, evaluate_calibrated
 
-    r = evaluate_calibrated(preds, samples, k)
+    opts = dict(calibrator_options or {})
+    make = (lambda key: Calibrator(key, min_observations=1, **opts)) if opts else None  # as evaluate_calibrated's
+    r = evaluate_calibrated(preds, samples, k, make_calibrator=make)
     groups = defaultdict(list)
     for i, s in enumerate(samples):
         groups[deployment_key_of(s.record)].append(i)
@@ -151,14 +154,23 @@ def calibration_block(preds: dict, samples, k: int) -> dict:
         x = np.c_[np.ones(int(ok.sum())), np.log([samples[i].record.batch for i, o in zip(idx, ok) if o])]
         coef = np.linalg.lstsq(x, np.log(meas[ok] / pred[ok]), rcond=None)[0]
         errors.extend(np.abs(np.exp(x @ coef) * pred[ok] / meas[ok] - 1.0).tolist())
+    worst = []  # each deployment on its own (a fresh calibrator per deployment either way)
+    for key, idx in groups.items():
+        if len(idx) > k:
+            sub = {p: (None if v is None else np.asarray(v, np.float64)[idx]) for p, v in preds.items()}
+            one = evaluate_calibrated(sub, [samples[i] for i in idx], k, make_calibrator=make)
+            worst.append((one["mape"], f"{key.model} on {key.n_gpu}x {key.gpu}", one["n"]))
+    worst.sort(reverse=True)
     return {"k": k, "n": r["n"], "mape": r["mape"], "eba_10": r["eba_10"], "eba_30": r["eba_30"],
-            "uncalibrated": r["calibration"]["uncalibrated"],
+            "worst_deployments": [{"deployment": d, "mape": m, "scored": n} for m, d, n in worst[:8]],
+            "calibrator_options": opts, "uncalibrated": r["calibration"]["uncalibrated"],
+            "per_model_mape": {m: v["mape"] for m, v in r["per_model"].items()},
             "groups_scored": sum(g["status"] == "scored" for g in r["calibration"]["groups"]),
             "ceiling_mape": float(np.mean(errors)) if errors else None}
 
 
 def run(data: Path, predictors: list[str], seed: int, group: str = "model", families=None,
-        calibrate: int | None = None) -> dict:
+        calibrate: int | None = None, calibrator_options: dict | None = None) -> dict:
     from llmco2_serve.predictors.dataset import samples_from_records, supported_records
     from llmco2_serve.predictors.evaluate import evaluate, leave_one_architecture_out
     from llmco2_serve.prediction.records import load_records
@@ -183,7 +195,7 @@ def run(data: Path, predictors: list[str], seed: int, group: str = "model", fami
         results[name] = {"evaluation": evaluate(preds, samples), "folds": folds, "runtime_s": elapsed,
                          "predictions": rows}
         if calibrate is not None:
-            results[name]["calibrated"] = calibration_block(preds, samples, calibrate)
+            results[name]["calibrated"] = calibration_block(preds, samples, calibrate, calibrator_options)
         print(f"[{name}] {len(folds)} folds in {elapsed:.1f} s", file=sys.stderr, flush=True)
     return {"data": str(data), "seed": seed, "n_samples": len(samples), "group": group,
             "skipped": skipped,
@@ -220,7 +232,14 @@ def report(out: dict) -> str:
                          f"deployments, {c['n']} rows scored): MAPE {_pct(u['mape'])} -> {_pct(c['mape'])}, "
                          f"EBA(10%) {_pct(u['eba_10'])} -> {_pct(c['eba_10'])}, EBA(30%) {_pct(u['eba_30'])} -> "
                          f"{_pct(c['eba_30'])}; the same correction fitted to all of each deployment's records "
-                         f"(ceiling): MAPE {_pct(c['ceiling_mape'])}")
+                         f"(ceiling): MAPE {_pct(c['ceiling_mape'])}"
+                         + (f"; calibrator options {c['calibrator_options']}" if c.get("calibrator_options") else ""))
+            parts.append("")
+            parts.append("Calibrated MAPE per held-out group: " + ", ".join(
+                f"{m} {_pct(v)}" for m, v in c.get("per_model_mape", {}).items()))
+            parts.append("")
+            parts.append("Worst calibrated deployments: " + ", ".join(
+                f"{w['deployment']} {_pct(w['mape'])} ({w['scored']} rows)" for w in c.get("worst_deployments", [])))
             parts.append("")
     parts.append("Runtime: " + ", ".join(f"{LABELS[n]} {r['runtime_s']:.1f} s" for n, r in results.items()))
     return "\n".join(parts)
@@ -240,6 +259,12 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", type=int, default=None, metavar="K",
                     help="also score the held-out predictions calibrated per deployment on its first K records "
                          "(as `llmco2 eval --calibrate K`), with the ceiling of that correction")
+    ap.add_argument("--calibration-prior-sd-slope", type=float, default=None, metavar="SD",
+                    help="with --calibrate: the calibrator's prior sd on the batch slopes instead of its default "
+                         "(a sensitivity check; the plugin uses the default)")
+    ap.add_argument("--calibration-extrapolation-ratio", type=float, default=None, metavar="R",
+                    help="with --calibrate: how far beyond the observed batches the calibrator's power law extends "
+                         "(inf: no limit) instead of its default (a sensitivity check)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small graphs; more oversubscribe 2 cores)")
     args = ap.parse_args(argv)
@@ -265,7 +290,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out = run(args.data, names, args.seed, group=group, families=families, calibrate=args.calibrate)
+    options = {} if args.calibration_prior_sd_slope is None else {"prior_sd_slope": args.calibration_prior_sd_slope}
+    if args.calibration_extrapolation_ratio is not None:
+        options["extrapolation_ratio"] = args.calibration_extrapolation_ratio
+    out = run(args.data, names, args.seed, group=group, families=families, calibrate=args.calibrate,
+              calibrator_options=options)
     out["runtime_s"] = time.perf_counter() - t0
     print(report(out))
     print(f"\nTotal runtime {out['runtime_s']:.1f} s (torch threads {args.threads}).")

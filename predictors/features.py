@@ -106,6 +106,34 @@ def featurize(template: LayerTemplate, batch, prompt_len, gen_tokens, gpu) -> Gr
     return GraphBatch(node_x, global_x, template.edge_index, steps, totals)
 
 
+# The Roofline energy of a phase at the GPUs' TDP, per transformer layer (the GNN's output unit):
+# time (us, one GPU, all layers) x 1e-6 x TDP x GPUs / layers. Column -> coefficient per output
+# (prefill, decode step); every column is log1p of a positive magnitude, so log(expm1(.)) is exact.
+_OFFSET_TERMS = (
+    ("log_prefill_time_us", (1.0, 0.0)), ("log_decode_step_time_us", (0.0, 1.0)),
+    ("log_tdp_w", (1.0, 1.0)), ("log_n_gpu", (1.0, 1.0)), ("log_layers", (-1.0, -1.0)),
+)
+
+
+def roofline_offset(standardizer: "Standardizer", layer_scaled: bool = True) -> dict[str, np.ndarray]:
+    """The fixed log-space offset of the GNN's two outputs (``gnn.LLMCO2GNN(offset=...)``):
+    ``log(Roofline time x TDP x GPUs [/ layers])`` of prefill and of one decode step, read from the
+    global features through ``standardizer`` (the arrays it needs are stored with the weights).
+
+    Why: energy = power x time, and the Roofline time already has the batch physics of one engine
+    step (weights read once per step and shared by its rows, per-row KV reads and compute, MoE
+    experts loaded). What is left to learn, measured / Roofline-at-TDP energy, is a power fraction
+    and an efficiency: it varies ~3x over the vLLM records where the energy itself varies ~10^4x.
+    """
+    names = [n for n, _ in _OFFSET_TERMS if layer_scaled or n != "log_layers"]
+    idx = np.array([GLOBAL_FEATURE_NAMES.index(n) for n in names], np.float64)
+    coef = np.array([dict(_OFFSET_TERMS)[n] for n in names], np.float64)
+    i = idx.astype(np.int64)
+    return {"offset_idx": idx, "offset_coef": coef, "offset_bias": np.full(2, np.log(1e-6)),
+            "offset_mean": np.asarray(standardizer.global_mean, np.float64)[i].copy(),
+            "offset_std": np.asarray(standardizer.global_std, np.float64)[i].copy()}
+
+
 @dataclass(frozen=True)
 class Standardizer:
     """Per-feature mean/std fitted on training data; constant features pass through centred."""

@@ -8,6 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
+# Arrays of an optional fixed log-space offset (``features.roofline_offset``): the network then
+# predicts log(measured / offset energy) instead of the log energy itself.
+OFFSET_KEYS = ("offset_idx", "offset_coef", "offset_bias", "offset_mean", "offset_std")
+
+
+def log_offset(global_x: np.ndarray, idx: np.ndarray, coef: np.ndarray, bias: np.ndarray, mean: np.ndarray,
+               std: np.ndarray) -> np.ndarray:
+    """(R, outputs) offset from standardised global features (R, G): the columns ``idx`` are
+    un-standardised (they are log1p of positive magnitudes), turned back into logs of the
+    magnitudes and combined linearly: ``log(expm1(raw)) @ coef + bias``."""
+    raw = global_x[..., np.asarray(idx, np.int64)] * std + mean
+    return np.log(np.maximum(np.expm1(raw), 1e-30)) @ coef + bias
+
 
 def mean_adjacency(edge_index: np.ndarray, n_nodes: int) -> np.ndarray:
     """A[i, j] = 1/indeg(i) for each edge j -> i (SAGEConv's mean aggregation as a matrix)."""
@@ -30,9 +43,16 @@ class NumpyGNN:
         self.c2_l, self.c2_lb, self.c2_r = w["conv2.lin_l.weight"].T, w["conv2.lin_l.bias"], w["conv2.lin_r.weight"].T
         self.l1, self.l1b = w["lin1.weight"].T, w["lin1.bias"]
         self.l2, self.l2b = w["lin2.weight"].T, w["lin2.bias"]
+        self.offset = None
+        if "offset_coef" in w:  # weights trained on top of a fixed physics offset (gnn.LLMCO2GNN)
+            idx, coef, bias, mean, std = (w[k] for k in OFFSET_KEYS)
+            self.offset = (idx.astype(np.int64), coef, bias, mean, std)
 
     def forward(self, node_x: np.ndarray, adjacency: np.ndarray, global_x: np.ndarray) -> np.ndarray:
         h = np.maximum((adjacency @ node_x) @ self.c1_l + self.c1_lb + node_x @ self.c1_r, 0.0)
         h = np.maximum((adjacency @ h) @ self.c2_l + self.c2_lb + h @ self.c2_r, 0.0)
         z = np.concatenate([h.mean(axis=-2), global_x], axis=-1)
-        return np.maximum(z @ self.l1 + self.l1b, 0.0) @ self.l2 + self.l2b
+        out = np.maximum(z @ self.l1 + self.l1b, 0.0) @ self.l2 + self.l2b
+        if self.offset is not None:
+            out = out + log_offset(global_x, *self.offset)
+        return out

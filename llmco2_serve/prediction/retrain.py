@@ -138,19 +138,13 @@ def select_pairs(path: str, *, holdout: float, seed: int, allow_fake: bool = Fal
 
 
 def _torch_model_from(trained):
-    import torch
-
     from llmco2_serve.predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES
     from llmco2_serve.predictors.gnn import LLMCO2GNN
 
-    hidden = int(np.asarray(trained.weights["lin2.weight"]).shape[1])
-    model = LLMCO2GNN(len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES), hidden=hidden)
-    state = model.state_dict()
-    missing = set(state) - set(trained.weights)
-    if missing:
-        raise RetrainError(f"base weights lack {sorted(missing)}: not LLMCO2GNN weights")
-    model.load_state_dict({k: torch.tensor(np.asarray(trained.weights[k]), dtype=torch.float32) for k in state})
-    return model
+    try:  # with the weights' fixed Roofline offset, if they have one (it is not fine-tuned)
+        return LLMCO2GNN.from_numpy_weights(trained.weights, len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES))
+    except KeyError as e:
+        raise RetrainError(f"base {e.args[0]}") from None
 
 
 def _group_tensors(samples, std, layer_scaled):

@@ -1,0 +1,98 @@
+"""The GNN on top of the Roofline energy (predictors/features.roofline_offset, the ``vllm`` profile).
+
+Truths from outside the offset code: the kernel graph's own whole-request Roofline times
+(``LayerTemplate.totals``) times the GPU table's TDP, the torch module against its NumPy copy, and
+the shipped weights files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmco2_serve.predictors.features import GLOBAL_FEATURE_NAMES, NODE_FEATURE_NAMES, Standardizer, featurize, \
+    roofline_offset
+from llmco2_serve.predictors.gnn import LLMCO2GNN, NumpyGNN, mean_adjacency
+
+QWEN3_30B_A3B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                 "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                 "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                 "vocab_size": 151936, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def _template(n_gpu=2):
+    from llmco2_serve.hardware.gpus import gpu_spec
+    from llmco2_serve.workload.arch import ModelArch
+    from llmco2_serve.workload.graph import Parallelism, build_layer_template
+    from llmco2_serve.workload.precision import Precision
+
+    gpu = gpu_spec("H100")
+    arch = ModelArch.from_hf_config(QWEN3_30B_A3B)
+    return build_layer_template(arch, Precision.from_name("bfloat16"), gpu, Parallelism(tensor_parallel=n_gpu)), gpu
+
+
+def _batch_features():
+    t, gpu = _template()
+    batch = np.array([8.0, 64.0, 512.0, 3000.0])
+    gb = featurize(t, batch, np.full(4, 256.0), np.full(4, 900.0), gpu)
+    return t, gpu, gb
+
+
+def test_offset_alone_is_the_roofline_energy_at_tdp():
+    """With the network's part at zero, energy = the kernel graph's Roofline time x TDP x GPUs."""
+    t, gpu, gb = _batch_features()
+    std = Standardizer.fit(gb.node_x.reshape(-1, gb.node_x.shape[-1]), gb.global_x)
+    torch.manual_seed(0)
+    model = LLMCO2GNN(len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES), hidden=8,
+                      offset=roofline_offset(std, layer_scaled=True))
+    with torch.no_grad():
+        model.lin2.weight.zero_()
+        model.lin2.bias.zero_()
+    out = NumpyGNN(model.numpy_weights()).forward(std.nodes(gb.node_x), mean_adjacency(gb.edge_index, t.n_nodes),
+                                                  std.globals(gb.global_x))
+    layers = t.arch.num_layers
+    prefill_j = np.exp(out[:, 0]) * layers
+    decode_j = np.exp(out[:, 1]) * gb.decode_steps * layers
+    watts = gpu.tdp_w * t.parallelism.n_gpu
+    assert np.allclose(prefill_j, gb.totals.prefill_time_s * watts, rtol=1e-6)
+    assert np.allclose(decode_j, gb.totals.decode_time_s * watts, rtol=1e-6)
+    # The batch physics comes with it: the per-sequence decode energy falls with the batch (shared
+    # weight reads), by less than 1/batch (own KV reads and compute grow with it).
+    per_seq = decode_j / np.array([8.0, 64.0, 512.0, 3000.0])
+    assert np.all(np.diff(per_seq) < 0)
+    assert per_seq[0] / per_seq[-1] < 3000.0 / 8.0
+
+
+def test_torch_and_numpy_agree_with_an_offset_and_it_survives_a_reload():
+    t, gpu, gb = _batch_features()
+    std = Standardizer.fit(gb.node_x.reshape(-1, gb.node_x.shape[-1]), gb.global_x)
+    torch.manual_seed(1)
+    model = LLMCO2GNN(len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES), hidden=8, offset=roofline_offset(std))
+    x, g = std.nodes(gb.node_x), std.globals(gb.global_x)
+    r, n = x.shape[:2]
+    ei = torch.tensor(np.concatenate([gb.edge_index + i * n for i in range(r)], axis=1))
+    batch = torch.arange(r).repeat_interleave(n)
+    with torch.no_grad():
+        ref = model(torch.tensor(x.reshape(r * n, -1), dtype=torch.float32), ei, batch,
+                    torch.tensor(g, dtype=torch.float32)).numpy()
+    weights = model.numpy_weights()
+    out = NumpyGNN(weights).forward(x, mean_adjacency(gb.edge_index, n), g)
+    assert np.allclose(out, ref, rtol=1e-5, atol=1e-4)
+    # `llmco2 retrain` rebuilds the module from saved arrays: the offset must come back with them
+    again = LLMCO2GNN.from_numpy_weights(weights, len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES))
+    assert again.has_offset and "offset=roofline" in repr(again)
+    assert not any(name.startswith("offset_") for name, _ in again.named_parameters())  # fixed, not trained
+    assert np.allclose(NumpyGNN(again.numpy_weights()).forward(x, mean_adjacency(gb.edge_index, n), g), out)
+    with pytest.raises(KeyError, match="not LLMCO2GNN weights"):
+        LLMCO2GNN.from_numpy_weights({k: v for k, v in weights.items() if k != "offset_std"},
+                                     len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES))
+
+
+def test_profiles_use_the_offset_only_where_trained_with_it():
+    from llmco2_serve.prediction.predictor import load_weights
+
+    vllm, eager = load_weights(profile="vllm"), load_weights(profile="hf-eager")
+    assert "offset_coef" in vllm.arrays and vllm.metadata["train_config"]["roofline_offset"] is True
+    assert "offset_coef" not in eager.arrays and NumpyGNN(eager.arrays).offset is None
+    assert vllm.metadata["version"] != eager.metadata["version"]  # a new label: calibrations restart
