@@ -312,3 +312,33 @@ def test_eval_calibrate_with_no_group_large_enough_is_a_clear_error(tmp_path, ca
     data.write_text("".join(json.dumps(r) + "\n" for r in _scaled_rows()[:2]))
     assert main(["eval", "--data", str(data), "--weights", _hf_eager_weights(), "--calibrate", "3", "--json"]) == 2
     assert "no deployment group has more than 3 records" in capsys.readouterr().err
+
+
+def test_the_power_law_is_not_carried_far_beyond_the_batches_seen():
+    """Three operating points at small batches (8, 16, 32), as ``--calibrate 3`` sees a vLLM
+    deployment: there the truth's per-step overhead (``1 + c / b``) makes the error fall steeply with
+    the batch; at batch 2048 the overhead is gone. Carried on without bound, the local slope
+    underpredicts there by far more than holding the correction 2x beyond the range does."""
+    def truth(b):  # amortised overhead: steep at small batch, flat at large (not the calibrator's form)
+        return 0.6 * (1.0 + 24.0 / b)
+
+    def fed(cal):
+        for b in (8.0, 16.0, 32.0):
+            assert cal.observe_window(measured_j=truth(b) * 100.0, predicted_prefill_j=0.0, predicted_decode_j=100.0,
+                                      batch=b, source="nvml")
+        return cal
+
+    bounded = fed(Calibrator(KEY, min_observations=1))
+    unbounded = fed(Calibrator(KEY, min_observations=1, extrapolation_ratio=math.inf))
+    for b in (8.0, 12.0, 32.0):  # inside the range seen: the same correction
+        assert bounded.factors(batch=b) == pytest.approx(unbounded.factors(batch=b), rel=1e-12)
+    far = 2048.0
+    err_bounded = abs(bounded.factors(batch=far)[1] / truth(far) - 1.0)
+    err_unbounded = abs(unbounded.factors(batch=far)[1] / truth(far) - 1.0)
+    assert unbounded.factors(batch=far)[1] < truth(far)  # the steep local slope, extrapolated
+    # held from 2x beyond the range on: off by the truth's own change from there (plus the fit's
+    # error at its edge), which is far less than the compounded slope
+    assert err_bounded < abs(truth(64.0) / truth(far) - 1.0) + 0.1 < err_unbounded, (err_bounded, err_unbounded)
+    assert bounded.factors(batch=far) == pytest.approx(bounded.factors(batch=64.0), rel=1e-12)  # held at 2x
+    with pytest.raises(ValueError, match="extrapolation_ratio"):
+        Calibrator(KEY, extrapolation_ratio=0.5)
