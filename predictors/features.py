@@ -106,32 +106,45 @@ def featurize(template: LayerTemplate, batch, prompt_len, gen_tokens, gpu) -> Gr
     return GraphBatch(node_x, global_x, template.edge_index, steps, totals)
 
 
-# The Roofline energy of a phase at the GPUs' TDP, per transformer layer (the GNN's output unit):
-# time (us, one GPU, all layers) x 1e-6 x TDP x GPUs / layers. Column -> coefficient per output
-# (prefill, decode step); every column is log1p of a positive magnitude, so log(expm1(.)) is exact.
-_OFFSET_TERMS = (
-    ("log_prefill_time_us", (1.0, 0.0)), ("log_decode_step_time_us", (0.0, 1.0)),
-    ("log_tdp_w", (1.0, 1.0)), ("log_n_gpu", (1.0, 1.0)), ("log_layers", (-1.0, -1.0)),
+# The Roofline energy of a phase at the GPUs' TDP, per transformer layer (the GNN's output unit), as
+# a sum of three terms: compute at peak, memory traffic at full bandwidth, all-reduce traffic at the
+# interconnect's bandwidth (a sum, not the kernel-wise max of ``log_*_time_us``: the max has kinks
+# where a kernel turns compute-bound, which the serving path's interpolated prediction table cannot
+# follow to its 2 % bound). Energy = per-GPU time x TDP x GPUs = total work / rate x TDP, so the GPU
+# count cancels. Each term: (feature, power) pairs and a unit constant; every feature is log1p of a
+# positive magnitude, so log(expm1(.)) is exact.
+_OFFSET_TERMS = tuple(
+    (phase, ((f"log_{phase}_{work}", 1.0), (rate, -1.0), ("log_tdp_w", 1.0), ("log_layers", -1.0)), unit)
+    for phase in ("prefill", "decode_step")
+    for work, rate, unit in (("flops", "log_peak_tflops", 1e-12), ("bytes", "log_mem_bw_gb_s", 1e-9),
+                             ("net_bytes", "log_net_bw_gb_s", 1e-9))
 )
 
 
 def roofline_offset(standardizer: "Standardizer", layer_scaled: bool = True) -> dict[str, np.ndarray]:
-    """The fixed log-space offset of the GNN's two outputs (``gnn.LLMCO2GNN(offset=...)``):
-    ``log(Roofline time x TDP x GPUs [/ layers])`` of prefill and of one decode step, read from the
-    global features through ``standardizer`` (the arrays it needs are stored with the weights).
+    """The fixed log-space offset of the GNN's two outputs (``gnn.LLMCO2GNN(offset=...)``): the log of
+    the Roofline energy at TDP [per layer] of the prefill and of one decode step (compute time +
+    memory time + all-reduce time, x TDP x GPUs), read from the global features through
+    ``standardizer`` (the arrays it needs are stored with the weights).
 
-    Why: energy = power x time, and the Roofline time already has the batch physics of one engine
-    step (weights read once per step and shared by its rows, per-row KV reads and compute, MoE
-    experts loaded). What is left to learn, measured / Roofline-at-TDP energy, is a power fraction
-    and an efficiency: it varies ~3x over the vLLM records where the energy itself varies ~10^4x.
+    Why: energy = power x time, and these times already have the batch physics of one engine step
+    (weights read once per step and shared by its rows, per-row KV reads and compute, MoE experts
+    loaded). What is left to learn, measured / Roofline-at-TDP energy, is a power fraction and an
+    efficiency: it varies ~3x over the vLLM records where the energy itself varies ~10^4x.
     """
-    names = [n for n, _ in _OFFSET_TERMS if layer_scaled or n != "log_layers"]
-    idx = np.array([GLOBAL_FEATURE_NAMES.index(n) for n in names], np.float64)
-    coef = np.array([dict(_OFFSET_TERMS)[n] for n in names], np.float64)
-    i = idx.astype(np.int64)
-    return {"offset_idx": idx, "offset_coef": coef, "offset_bias": np.full(2, np.log(1e-6)),
+    names = sorted({n for _, pairs, _ in _OFFSET_TERMS for n, _ in pairs if layer_scaled or n != "log_layers"},
+                   key=GLOBAL_FEATURE_NAMES.index)
+    coef = np.zeros((len(names), len(_OFFSET_TERMS)))
+    for t, (_, pairs, _) in enumerate(_OFFSET_TERMS):
+        for n, power in pairs:
+            if n in names:
+                coef[names.index(n), t] = power
+    i = np.array([GLOBAL_FEATURE_NAMES.index(n) for n in names], np.int64)
+    return {"offset_idx": i.astype(np.float64), "offset_coef": coef,
+            "offset_bias": np.log([unit for _, _, unit in _OFFSET_TERMS]),
             "offset_mean": np.asarray(standardizer.global_mean, np.float64)[i].copy(),
-            "offset_std": np.asarray(standardizer.global_std, np.float64)[i].copy()}
+            "offset_std": np.asarray(standardizer.global_std, np.float64)[i].copy(),
+            "offset_out": np.array([0.0 if phase == "prefill" else 1.0 for phase, _, _ in _OFFSET_TERMS])}
 
 
 @dataclass(frozen=True)

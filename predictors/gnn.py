@@ -73,7 +73,9 @@ class LLMCO2GNN(nn.Module):
         if not self.has_offset:
             return global_x.new_zeros((global_x.shape[0], self.outputs))
         raw = global_x[:, self.offset_idx.long()] * self.offset_std + self.offset_mean
-        return torch.log(torch.expm1(raw).clamp_min(1e-30)) @ self.offset_coef + self.offset_bias
+        terms = torch.log(torch.expm1(raw).clamp_min(1e-30)) @ self.offset_coef + self.offset_bias
+        out = self.offset_out.long()
+        return torch.stack([torch.logsumexp(terms[:, out == o], dim=-1) for o in range(self.outputs)], dim=-1)
 
     def reset_parameters(self) -> None:
         self.conv1.reset_parameters()

@@ -10,16 +10,24 @@ import numpy as np
 
 # Arrays of an optional fixed log-space offset (``features.roofline_offset``): the network then
 # predicts log(measured / offset energy) instead of the log energy itself.
-OFFSET_KEYS = ("offset_idx", "offset_coef", "offset_bias", "offset_mean", "offset_std")
+OFFSET_KEYS = ("offset_idx", "offset_coef", "offset_bias", "offset_mean", "offset_std", "offset_out")
 
 
 def log_offset(global_x: np.ndarray, idx: np.ndarray, coef: np.ndarray, bias: np.ndarray, mean: np.ndarray,
-               std: np.ndarray) -> np.ndarray:
+               std: np.ndarray, out: np.ndarray) -> np.ndarray:
     """(R, outputs) offset from standardised global features (R, G): the columns ``idx`` are
-    un-standardised (they are log1p of positive magnitudes), turned back into logs of the
-    magnitudes and combined linearly: ``log(expm1(raw)) @ coef + bias``."""
+    un-standardised (they are log1p of positive magnitudes) and turned back into logs of the
+    magnitudes ``m``; each term ``t`` is ``m @ coef[:, t] + bias[t]`` (the log of a product of
+    powers) and output ``o`` is the log of the sum of its terms (``out[t] == o``)."""
     raw = global_x[..., np.asarray(idx, np.int64)] * std + mean
-    return np.log(np.maximum(np.expm1(raw), 1e-30)) @ coef + bias
+    terms = np.log(np.maximum(np.expm1(raw), 1e-30)) @ coef + bias
+    out = np.asarray(out, np.int64)
+    cols = []
+    for o in range(int(out.max()) + 1):
+        t = terms[..., out == o]
+        top = t.max(axis=-1, keepdims=True)
+        cols.append((top + np.log(np.exp(t - top).sum(axis=-1, keepdims=True)))[..., 0])
+    return np.stack(cols, axis=-1)
 
 
 def mean_adjacency(edge_index: np.ndarray, n_nodes: int) -> np.ndarray:
@@ -45,8 +53,7 @@ class NumpyGNN:
         self.l2, self.l2b = w["lin2.weight"].T, w["lin2.bias"]
         self.offset = None
         if "offset_coef" in w:  # weights trained on top of a fixed physics offset (gnn.LLMCO2GNN)
-            idx, coef, bias, mean, std = (w[k] for k in OFFSET_KEYS)
-            self.offset = (idx.astype(np.int64), coef, bias, mean, std)
+            self.offset = tuple(w[k] for k in OFFSET_KEYS)
 
     def forward(self, node_x: np.ndarray, adjacency: np.ndarray, global_x: np.ndarray) -> np.ndarray:
         h = np.maximum((adjacency @ node_x) @ self.c1_l + self.c1_lb + node_x @ self.c1_r, 0.0)

@@ -45,9 +45,9 @@ class TrainConfig:
     layer_scaled: bool = True  # outputs are per layer: energy = layers x exp(output)
     # outputs on top of the Roofline energy at TDP; None: on iff the records are aggregated steady-state
     roofline_offset: bool | None = None
-    # weight decay with the offset (replaces weight_decay): the network then learns a residual ratio
-    # that should stay near a constant; 0.03 -> 0.3 took the vllm profile's leave-one-family-out
-    # mean MAPE from 40.6% to 21.1% (0.1: 23.2%, 0.5: 27.2%, 1.0: 33.5%; benchmarks/accuracy.py)
+    # weight decay of training with the offset (instead of weight_decay): the network then learns a
+    # residual ratio that should stay near a constant; 0.03 -> 0.3 took the vllm profile's
+    # leave-one-family-out mean MAPE from 40.7% to 20.6% (0.1: 23.2%, 1.0: see README; benchmarks/accuracy.py)
     offset_weight_decay: float = 0.3
 
 
@@ -106,8 +106,6 @@ def train_gnn(samples, config: TrainConfig | None = None) -> TrainedGNN:
     if use_offset is None:
         use_offset = any(getattr(s.record, "aggregated", None) for s in samples)
     config = dataclasses.replace(config, roofline_offset=bool(use_offset))  # the metadata says which
-    if use_offset:
-        config = dataclasses.replace(config, weight_decay=config.offset_weight_decay)
     offset = roofline_offset(std, config.layer_scaled) if use_offset else None
     off = (log_offset(std.globals(gx), *(offset[k] for k in OFFSET_KEYS)) if offset is not None
            else np.zeros((len(samples), 2)))
@@ -143,7 +141,9 @@ def train_gnn(samples, config: TrainConfig | None = None) -> TrainedGNN:
             r_only = torch.log(y_req / e_off)[m_only].mean() if m_only.any() else 0.0
             model.lin2.bias[0] = (torch.log(y_pre_u) - off_pre_t)[m_pre].mean() if m_pre.any() else r_only
             model.lin2.bias[1] = (torch.log(y_step) - off_dec_t)[m_dec].mean() if m_dec.any() else r_only
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # (`llmco2 retrain` fine-tunes with ``weight_decay``: adapting to a deployment should move freely)
+    decay = config.offset_weight_decay if use_offset else config.weight_decay
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=decay)
     history = []
     for epoch in range(config.epochs):
         opt.zero_grad()

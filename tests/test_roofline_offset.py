@@ -40,7 +40,8 @@ def _batch_features():
 
 
 def test_offset_alone_is_the_roofline_energy_at_tdp():
-    """With the network's part at zero, energy = the kernel graph's Roofline time x TDP x GPUs."""
+    """With the network's part at zero, energy = the kernel graph's whole-request work at the GPU's
+    rates (FLOPs at peak + bytes at memory bandwidth + all-reduce bytes over the interconnect) x TDP."""
     t, gpu, gb = _batch_features()
     std = Standardizer.fit(gb.node_x.reshape(-1, gb.node_x.shape[-1]), gb.global_x)
     torch.manual_seed(0)
@@ -54,9 +55,17 @@ def test_offset_alone_is_the_roofline_energy_at_tdp():
     layers = t.arch.num_layers
     prefill_j = np.exp(out[:, 0]) * layers
     decode_j = np.exp(out[:, 1]) * gb.decode_steps * layers
-    watts = gpu.tdp_w * t.parallelism.n_gpu
-    assert np.allclose(prefill_j, gb.totals.prefill_time_s * watts, rtol=1e-6)
-    assert np.allclose(decode_j, gb.totals.decode_time_s * watts, rtol=1e-6)
+    tot = gb.totals
+
+    def at_tdp(flops, mem_bytes, net_bytes):  # all GPUs' work / one GPU's rate = GPU-seconds
+        return (flops / t.peak_ops_per_s + mem_bytes / t.memory_bandwidth_bytes_per_s
+                + net_bytes / t.network_bandwidth_bytes_per_s) * gpu.tdp_w
+
+    assert t.parallelism.n_gpu == 2 and np.all(tot.decode_network_bytes > 0)  # the all-reduce term counts
+    assert np.allclose(prefill_j, at_tdp(tot.prefill_flops, tot.prefill_bytes, tot.prefill_network_bytes), rtol=1e-6)
+    assert np.allclose(decode_j, at_tdp(tot.decode_flops, tot.decode_bytes, tot.decode_network_bytes), rtol=1e-6)
+    # and it is at least the Roofline (kernel-wise max of compute and memory time) x TDP x GPUs
+    assert np.all(decode_j >= tot.decode_time_s * gpu.tdp_w * t.parallelism.n_gpu * (1 - 1e-9))
     # The batch physics comes with it: the per-sequence decode energy falls with the batch (shared
     # weight reads), by less than 1/batch (own KV reads and compute grow with it).
     per_seq = decode_j / np.array([8.0, 64.0, 512.0, 3000.0])

@@ -574,8 +574,8 @@ def test_without_a_measuring_engine_finished_predictions_are_not_held_for_finals
 
 
 def test_the_deployment_calibration_learns_from_finals_survives_a_restart_and_resets_on_change(predictor, tmp_path):
-    """Issue 7: a deployment whose measured energy is not the GNN's (here 3x its prefill and 0.5x
-    its decode, a ground truth of this test) is corrected after a few final NVML values; the
+    """Issue 7: a deployment whose measured energy is not the GNN's (here 3x its prefill and 1.5x
+    its decode, a ground truth of this test, off by >= 1/3 whatever the GNN's phase split) is corrected after a few final NVML values; the
     correction is persisted next to the pairs and restored by the next server of the same
     deployment, and dropped when the deployment changes."""
     svc = service(predictor, tmp_path)
@@ -584,7 +584,7 @@ def test_the_deployment_calibration_learns_from_finals_survives_a_restart_and_re
     errors = []
     for i in range(12):
         p = svc.on_request(f"r{i}", 40, 16, 3)
-        truth_pre, truth_dec = 3.0 * p.uncalibrated_prefill_energy_j, 0.5 * p.uncalibrated_decode_energy_j
+        truth_pre, truth_dec = 3.0 * p.uncalibrated_prefill_energy_j, 1.5 * p.uncalibrated_decode_energy_j
         errors.append(abs(p.energy_j / (truth_pre + truth_dec) - 1))
         a = svc.on_finished(f"r{i}", 16, {"prefill_energy_j": truth_pre, "decode_energy_j": truth_dec,
                                           "energy_j": truth_pre + truth_dec, "uncertainty_j": 0.01 * truth_pre,
@@ -602,7 +602,7 @@ def test_the_deployment_calibration_learns_from_finals_survives_a_restart_and_re
     assert again.calibrator.observations == 12 and again.calibrator.is_active
     p = again.on_request("x", 40, 16, 3)
     assert p.calibrated and abs(p.energy_j / (3.0 * p.uncalibrated_prefill_energy_j
-                                              + 0.5 * p.uncalibrated_decode_energy_j) - 1) < 0.05
+                                              + 1.5 * p.uncalibrated_decode_energy_j) - 1) < 0.05
     other = EnergyService(load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), "LLMCO2_GPU": "A100"}),
                           again.model, gpu_names=[], prediction_table="off")
     assert other.calibrator.observations == 0  # another GPU: another deployment
