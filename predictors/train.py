@@ -47,7 +47,7 @@ class TrainConfig:
     roofline_offset: bool | None = None
     # weight decay of training with the offset (instead of weight_decay): the network then learns a
     # residual ratio that should stay near a constant; 0.03 -> 0.3 took the vllm profile's
-    # leave-one-family-out mean MAPE from 40.7% to 20.6% (0.1: 23.2%, 1.0: see README; benchmarks/accuracy.py)
+    # leave-one-family-out mean MAPE from 40.7% to 20.6% (0.1: 23.2%, 1.0: 31.7%; benchmarks/accuracy.py)
     offset_weight_decay: float = 0.3
 
 

@@ -36,9 +36,10 @@ Four parameters: a multiplicative factor per phase (``exp(a)``, at the deploymen
   at its value there further out: a slope measured between batches 8 and 32 is the local slope of
   the predictor's error where the step is weight-read-bound, and carried on to batch 3,000
   (compute-bound) it compounds into errors that grow with the distance (issue 7's score: held-out
-  GNN predictions calibrated on each deployment's first three records, batches 8-32, were 21.4 % off
-  with the power law extrapolated without bound, 19.0 % with 2x, 19.9 % held at the range's edge;
-  the random forest's 32.0 / 26.2 / 25.7 %; ``benchmarks/accuracy.py --calibrate 3``). Every applied
+  vllm GNN predictions calibrated on each deployment's first three records, batches 8-32, were
+  21.2 % off with the power law extrapolated without bound, 18.3 % with 2x, 19.0 % held at the
+  range's edge; the random forest's 32.0 / 26.2 / 25.7 %; ``benchmarks/accuracy.py --profile vllm
+  --calibrate 3 --calibration-extrapolation-ratio R``). Every applied
   factor is clamped to [1/100, 100] (a misidentified GPU or a CPU test counter can be off by more
   than 20x in one phase) and slopes to [-1, 1].
 * *Log space*: errors of energy predictions are multiplicative (a 2x error at 1 J and at 1 kJ is the
