@@ -10,7 +10,8 @@ with pure-Python interpolation (no NumPy, a few microseconds).
 Grid: in each dimension the integers ``round(2 ** (i / k))`` (``k`` = ``points_per_doubling``)
 from 1 to the maximum, plus 1, 2 and the maximum themselves. With the default ``k = 4`` every
 batch size up to 8 and every length up to 8 is a node; neighbouring nodes are at most ~19 %
-apart further up.
+apart further up. The prompt axis also has nodes on both sides of the first eight steps of the
+flash-attention tile count (:func:`tile_nodes`), where the prefill cost jumps.
 
 Tabulated, per sequence of the batch (the request's share, 1/b of the batch's value):
 
@@ -44,7 +45,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PredictionTable", "Share", "log_grid", "measure_error"]
+from llmco2_serve.workload.graph import FLASH_QUERY_TILE
+
+__all__ = ["PredictionTable", "Share", "log_grid", "measure_error", "tile_nodes"]
 
 _LOG = math.log
 _EXP = math.exp
@@ -64,6 +67,19 @@ def log_grid(max_value: int, points_per_doubling: int) -> list[int]:
     for i in range(n + 1):
         nodes.add(min(max_value, max(1, round(2 ** (i / k)))))
     return sorted(nodes)
+
+
+# The kernel graph's flash-attention prefill reads its cached keys once per query tile
+# (FLASH_QUERY_TILE, 128), so a prefill's cost steps where the tile count does, at
+# 128 j + 1 tokens. Nodes on both sides of the first steps keep the interpolation from smearing a
+# step over a log-grid interval; further up a step is a small share of the prefill.
+_TILE = FLASH_QUERY_TILE
+_TILE_STEPS = 8
+
+
+def tile_nodes(max_prompt_len: int) -> list[int]:
+    """Prompt-length nodes on both sides of the first flash-attention tile steps."""
+    return [n for j in range(1, _TILE_STEPS + 1) for n in (_TILE * j, _TILE * j + 1) if n <= max_prompt_len]
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,7 @@ class PredictionTable:
                  seed: int = 0) -> None:
         t0 = time.perf_counter()
         self._b = _Axis(log_grid(max_batch, points_per_doubling))
-        self._l = _Axis(log_grid(max_prompt_len, points_per_doubling))
+        self._l = _Axis(sorted(set(log_grid(max_prompt_len, points_per_doubling)) | set(tile_nodes(max_prompt_len))))
         self._g = _Axis(log_grid(max_gen_tokens, points_per_doubling))
         self.points_per_doubling = points_per_doubling
         self._co2_per_j = float(predictor.co2_g_per_j)
