@@ -104,11 +104,15 @@ class EngineMeter:
     def weights_and_compute(self, rows: Sequence[StepRow]) -> tuple[Any, Any]:
         """(row weights, the compute part of each) in seconds at peak rates, as arrays; the
         compute parts are None while rows are weighted by token counts (no predictor)."""
-        n_rows = len(rows)
-        if not n_rows:
+        if not rows:
             return [], None
-        _, _, ns, ctxs = zip(*rows)
-        return self._weights_cols(np.array(ns, dtype=np.float64), np.array(ctxs, dtype=np.float64))
+        return self._row_columns(rows)[2:]
+
+    def _row_columns(self, rows: Sequence[StepRow]) -> tuple:
+        """(request ids, is-prefill flags, row weights, their compute parts) of a step's rows."""
+        rid_col, phase_col, n_col, ctx_col = zip(*rows)
+        w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
+        return rid_col, list(map(_PREFILL.__eq__, phase_col)), w, comp
 
     def _weights_cols(self, n: np.ndarray, ctx: np.ndarray) -> tuple[Any, Any]:
         costs = self._costs
@@ -171,9 +175,7 @@ class EngineMeter:
         finishing step; computed once per step (cached in a queued item)."""
         cols = item[4]
         if cols is None:
-            rid_col, phase_col, n_col, ctx_col = zip(*item[2])
-            w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
-            cols = item[4] = (rid_col, list(map(_PREFILL.__eq__, phase_col)), w, comp)
+            cols = item[4] = self._row_columns(item[2])
         return cols
 
     def _record(self, item: list, read: bool) -> None:

@@ -482,36 +482,28 @@ class EnergyService:
             co2, time_s = float(pb.co2_g[0]) / b, float(pb.time_s[0]) / b
             energy_upper, co2_upper = float(pb.energy_j[1]) / b, float(pb.co2_g[1]) / b
         raw_pre, raw_dec = pre, dec
+        # CO2 = the predictor's embodied share (kept) + the operational CO2 of the (calibrated) energy
+        # at the grid's intensity now (admission); the table and the GNN price it at the static one.
+        pue, static = self.settings.pue, self.settings.intensity_g_per_kwh
+        emb = max(0.0, co2 - operational_co2_g(raw_pre + raw_dec, pue, static))
+        emb_upper = max(0.0, co2_upper - operational_co2_g(energy_upper, pue, static))
         cal = self.calibrator
         calibrated = cal is not None and cal.is_active
         if calibrated:
-            # The deployment's correction (calibration.py); CO2 and the upper bound scale with it.
+            # The deployment's correction (calibration.py); the upper bound scales with it.
             pre, dec = cal.calibrated(pre, dec, batch=b)
             raw = raw_pre + raw_dec
-            f = (pre + dec) / raw if raw > 0 else 1.0
-            oper_raw = operational_co2_g(raw, self.settings.pue, self.settings.intensity_g_per_kwh)
-            co2 = co2 + oper_raw * (f - 1.0)
-            co2_upper = co2_upper + operational_co2_g(energy_upper, self.settings.pue,
-                                                      self.settings.intensity_g_per_kwh) * (f - 1.0)
-            energy_upper *= f
+            energy_upper *= (pre + dec) / raw if raw > 0 else 1.0
         energy = pre + dec
-        oper = operational_co2_g(energy, self.settings.pue, self.settings.intensity_g_per_kwh)
-        # The table's CO2 is at the static intensity; the operational part is re-priced at the grid's
-        # intensity now (admission), the embodied part stays.
         ci = self.carbon_intensity.at(time.time())
-        if ci.g_per_kwh != self.settings.intensity_g_per_kwh:
-            emb_upper = max(0.0, co2_upper - operational_co2_g(energy_upper, self.settings.pue,
-                                                                self.settings.intensity_g_per_kwh))
-            emb = max(0.0, co2 - oper)
-            oper = operational_co2_g(energy, self.settings.pue, ci.g_per_kwh)
-            co2 = emb + oper
-            co2_upper = emb_upper + operational_co2_g(energy_upper, self.settings.pue, ci.g_per_kwh)
+        co2 = emb + operational_co2_g(energy, pue, ci.g_per_kwh)
+        co2_upper = emb_upper + operational_co2_g(energy_upper, pue, ci.g_per_kwh)
         latency = self._clock() - t0
         pred = RequestPrediction(
             request_id=request_id, prompt_len=int(prompt_len), max_tokens=cap, gen_tokens=expected,
             batch=b, prefill_energy_j=pre, decode_energy_j=dec, energy_j=energy, co2_g=co2,
             time_s=time_s, energy_j_upper=energy_upper if energy_upper > energy else energy,
-            co2_g_upper=co2_upper if co2_upper > co2 else co2, embodied_co2_g=max(0.0, co2 - oper),
+            co2_g_upper=co2_upper if co2_upper > co2 else co2, embodied_co2_g=emb,
             latency_s=latency, uncalibrated_prefill_energy_j=raw_pre, uncalibrated_decode_energy_j=raw_dec,
             calibrated=calibrated, carbon_intensity_g_per_kwh=ci.g_per_kwh, carbon_intensity_source=ci.source)
         return pred
