@@ -6,7 +6,8 @@ A request that finishes while its steps are still queued gets its value so far f
 step thread. The truth here is the recording path itself, which the simulation tests validate:
 a meter that records the queued steps before answering (lookahead switched off) must give the
 same first answers and the same final values, request by request, under vLLM's async step
-pattern with chunked prefill and churn.
+pattern with chunked prefill and churn. The counters' books close the loop from outside: final
+values + idle + unreported energy = what the fake counters (constant power) moved.
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def test_lookahead_answers_equal_recording_first(predictor, seed):
     # the lookahead path was taken (requests finished with steps queued), and nothing is left behind
     assert meter.attributor.live_requests == 0 == ref_meter.attributor.live_requests
     assert meter.totals()["total_j"] == pytest.approx(ref_meter.totals()["total_j"], rel=1e-12)
+    # and against the counters, not the recording path: every joule the fake counters moved (their
+    # own constant 300 + 310 W) is in a final value, the idle books or the unreported entry
+    books = meter.totals()
+    measured = sum(m.energy_j for m in finals.values() if m.energy_j == m.energy_j)
+    assert measured + books["idle_j"] + books["unreported_j"] == pytest.approx(books["total_j"], rel=1e-9)
+    assert books["total_j"] > 0 and measured > 0 and books["idle_j"] > 0
 
 
 def test_lookahead_is_used_when_steps_are_queued(predictor, monkeypatch):

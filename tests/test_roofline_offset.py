@@ -105,3 +105,37 @@ def test_profiles_use_the_offset_only_where_trained_with_it():
     assert "offset_coef" in vllm.arrays and vllm.metadata["train_config"]["roofline_offset"] is True
     assert "offset_coef" not in eager.arrays and NumpyGNN(eager.arrays).offset is None
     assert vllm.metadata["version"] != eager.metadata["version"]  # a new label: calibrations restart
+
+
+LLAMA_3_1_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                "tie_word_embeddings": False, "torch_dtype": "bfloat16", "architectures": ["LlamaForCausalLM"]}
+
+
+def test_offset_decode_step_matches_the_published_weight_read_energy():
+    """Truth from published numbers, not from the kernel graph: a batch-1 decode step of
+    Llama-3.1-8B (8.03 B parameters, Meta's model card; bf16 = 2 bytes each) on an H100 SXM
+    (3.35 TB/s HBM3, 700 W TDP, NVIDIA's datasheet) is memory-bound: it reads every weight once,
+    except the input embedding table (128,256 x 4,096 = 0.525 B parameters, one row read). At TDP
+    that is 2 x (8.03 - 0.525) e9 B / 3.35e12 B/s x 700 W = 3.14 J; the KV cache of a short
+    context and the compute (15 GFLOP at 989 TFLOP/s) add under 1%."""
+    from llmco2_serve.hardware.gpus import gpu_spec
+    from llmco2_serve.workload.arch import ModelArch
+    from llmco2_serve.workload.graph import Parallelism, build_layer_template
+    from llmco2_serve.workload.precision import Precision
+
+    gpu = gpu_spec("H100")
+    t = build_layer_template(ModelArch.from_hf_config(LLAMA_3_1_8B), Precision.from_name("bfloat16"), gpu,
+                             Parallelism())
+    gb = featurize(t, np.array([1.0]), np.array([16.0]), np.array([33.0]), gpu)  # 32 decode steps
+    std = Standardizer.fit(gb.node_x.reshape(-1, gb.node_x.shape[-1]), gb.global_x)
+    model = LLMCO2GNN(len(NODE_FEATURE_NAMES), len(GLOBAL_FEATURE_NAMES), hidden=8,
+                      offset=roofline_offset(std, layer_scaled=True))
+    with torch.no_grad():  # the network's correction at zero: the offset alone
+        model.lin2.weight.zero_()
+        model.lin2.bias.zero_()
+    out = NumpyGNN(model.numpy_weights()).forward(std.nodes(gb.node_x), mean_adjacency(gb.edge_index, t.n_nodes),
+                                                  std.globals(gb.global_x))
+    per_step_j = float(np.exp(out[0, 1]) * t.arch.num_layers)  # per-layer energy of one decode step x layers
+    published_j = 2.0 * (8.03e9 - 128256 * 4096) / 3.35e12 * 700.0
+    assert per_step_j == pytest.approx(published_j, rel=0.05)
