@@ -97,8 +97,8 @@ def _register() -> None:
         st.inactive_reason = f"vLLM {version} is outside the tested range {_patches.SUPPORTED_VLLM}"
         _patches.log_once("version", logging.WARNING, "llmco2: %s; plugin inactive", st.inactive_reason)
         return
-    from . import api_server, engine_core, http_headers
+    from . import api_server, engine_core, http_headers, stat_logger
 
-    applied = engine_core.install() + api_server.install() + http_headers.install()
+    applied = engine_core.install() + api_server.install() + http_headers.install() + stat_logger.install()
     st.active = True
     logger.debug("llmco2: patched %s", ", ".join(applied))

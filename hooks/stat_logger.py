@@ -110,6 +110,93 @@ class LLMCO2StatLogger(StatLoggerBase):
         pass
 
 
+# --------------------------------------------------------------- --disable-log-stats (issue 10)
+# True while AsyncLLM.__init__ runs with log_stats=False: the plugin's logger is then left out of
+# vLLM's stat logger factories, so vLLM keeps its statistics off (it forces them on for any
+# custom logger), and the plugin starts its service and periodic line itself.
+_without_stats = False
+
+
+def _log_stats_argument(orig: Any, args: tuple, kwargs: dict) -> bool:
+    if "log_stats" in kwargs:
+        return bool(kwargs["log_stats"])
+    import inspect
+
+    try:
+        bound = inspect.signature(orig).bind_partial(None, *args, **kwargs)
+    except TypeError:
+        return True  # unknown call shape: vLLM's default behaviour (logger installed)
+    value = bound.arguments.get("log_stats")
+    return True if value is None else bool(value)
+
+
+def _wrap_async_llm_init(orig):
+    def __init__(self, *args, **kwargs):
+        global _without_stats
+        try:
+            quiet = not _log_stats_argument(orig, args, kwargs) and _state.state().active
+        except Exception as e:  # noqa: BLE001 - fail-open boundary: vLLM's own behaviour
+            _patches.failed("async_llm.__init__", e)
+            quiet = False
+        _without_stats = quiet
+        try:
+            orig(self, *args, **kwargs)
+        finally:
+            _without_stats = False
+        if quiet:
+            _start_without_stats(self.vllm_config)
+    return __init__
+
+
+def _wrap_load_factories(orig):
+    def load_stat_logger_plugin_factories(*args, **kwargs):
+        factories = orig(*args, **kwargs)
+        if _without_stats:
+            factories = [f for f in factories if f is not LLMCO2StatLogger]
+        return factories
+    return load_stat_logger_plugin_factories
+
+
+def _start_without_stats(vllm_config: Any) -> None:
+    """The service and the periodic line, without vLLM's stat loggers (log_stats off)."""
+    st = _state.state()
+    try:
+        stat_logger = LLMCO2StatLogger(vllm_config)  # builds the service (raises when fail-closed)
+    except Exception as e:  # noqa: BLE001 - fail-open boundary (re-raised when fail_open is off)
+        if st.settings is not None and not st.settings.fail_open:
+            raise
+        _patches.failed("async_llm.__init__", e)
+        return
+    try:
+        import asyncio
+
+        from vllm import envs
+
+        interval_s = max(0.1, float(envs.VLLM_LOG_STATS_INTERVAL))
+        loop = asyncio.get_running_loop()  # AsyncLLM is built inside vLLM's running loop
+    except Exception as e:  # noqa: BLE001 - no loop: predictions work, the periodic line is off
+        _patches.log_once("no-periodic-log", logging.INFO,
+                          "llmco2: no event loop at start-up (%s); the periodic llmco2 line is off", e)
+        return
+
+    def tick() -> None:
+        try:
+            stat_logger.log()
+        except Exception as e:  # noqa: BLE001 - fail-open boundary
+            _patches.failed("async_llm.__init__", e)
+        loop.call_later(interval_s, tick)
+
+    loop.call_later(interval_s, tick)
+    logger.info("llmco2: vLLM statistics are off (--disable-log-stats) and stay off; the plugin logs "
+                "on its own every %.0f s", interval_s)
+
+
+def install() -> list[str]:
+    return [name for name, make in (("async_llm.__init__", _wrap_async_llm_init),
+                                    ("async_llm.stat_logger_plugins", _wrap_load_factories))
+            if _patches.apply(name, make)]
+
+
 def _calibration_summary(svc: Any) -> str:
     """'; calibration ...' for the periodic line: observations, factors, error before/after."""
     cal = getattr(svc, "calibrator", None)

@@ -35,11 +35,12 @@ class PluginServer:
             (``LLMCO2_OTLP_METRICS_ENDPOINT``).
         extra_args: more ``vllm serve`` arguments.
         ready_timeout_s: how long to wait for ``/health``.
+        tracing: pass ``--otlp-traces-endpoint`` (vLLM builds spans); False is vLLM's default.
     """
 
     def __init__(self, tmp: Path, env: Mapping[str, str], *, max_num_seqs: int = 32,
                  metrics_to_receiver: bool = False, extra_args: Sequence[str] = (),
-                 ready_timeout_s: float = 240.0) -> None:
+                 ready_timeout_s: float = 240.0, tracing: bool = True) -> None:
         self.tmp = Path(tmp)
         self.model = build_tiny_model(self.tmp / "llama", "llama")
         self.receiver = OtlpReceiver().start()
@@ -57,7 +58,7 @@ class PluginServer:
         cmd = [sys.executable, "-m", "llmco2_serve.cli", "serve", str(self.model), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
                "--max-num-seqs", str(max_num_seqs), "--served-model-name", "tiny-llama",
-               "--otlp-traces-endpoint", self.receiver.traces_endpoint, *extra_args]
+               *(("--otlp-traces-endpoint", self.receiver.traces_endpoint) if tracing else ()), *extra_args]
         self.process = ServerProcess(cmd, port=port, env=full_env, log_path=self.tmp / "server.log",
                                      ready_timeout_s=ready_timeout_s)
 
