@@ -34,8 +34,29 @@ class ProcessState:
 _STATE: ProcessState | None = None
 
 
+def _forked() -> None:
+    # os.register_at_fork: a forked child rebuilds its state on first use (see state()).
+    global _CURRENT
+    _CURRENT = None
+
+
+_CURRENT: ProcessState | None = None  # this process's state, once checked; None after a fork
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 def state() -> ProcessState:
-    global _STATE
+    # Called several times per request: after the first call in a process it is two global reads
+    # (a fork clears _CURRENT, so the pid check runs again in the child; tests that reset _STATE
+    # to simulate a fresh process get one too).
+    current = _CURRENT
+    if current is not None and current is _STATE:
+        return current
+    return _state_checked()
+
+
+def _state_checked() -> ProcessState:
+    global _STATE, _CURRENT
     pid = os.getpid()
     if _STATE is None or _STATE.pid != pid:
         inherited = _STATE
@@ -43,6 +64,8 @@ def state() -> ProcessState:
         if inherited is not None:  # forked: settings and the on/off decision carry over
             _STATE.settings, _STATE.settings_error = inherited.settings, inherited.settings_error
             _STATE.active, _STATE.inactive_reason = inherited.active, inherited.inactive_reason
+    if hasattr(os, "register_at_fork"):  # without the fork hook every call checks the pid
+        _CURRENT = _STATE
     return _STATE
 
 

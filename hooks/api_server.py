@@ -115,10 +115,12 @@ def _wrap_abort_requests(orig):
     return abort_requests
 
 
-def _finished_attributes(svc: Any, request_id: str, gen_tokens: int | None, measured: dict | None) -> dict:
+def _finished_attributes(svc: Any, request_id: str, gen_tokens: int | None, measured: dict | None,
+                         span: bool = True) -> dict:
     # Every API-side finish passes here before vLLM queues the request's final output: the span's
     # measured value (first answer, or pending) also goes to the HTTP response (http_headers.py).
-    attrs = svc.on_finished(request_id, gen_tokens, measured)
+    # span=False: vLLM's tracing is off, no span is built; only what the response reads.
+    attrs = svc.on_finished(request_id, gen_tokens, measured, span=span)
     try:
         attrs.update(admission.on_finished(svc, request_id))  # decision on the span; budget settles
     except Exception as e:  # noqa: BLE001 - fail-open boundary
@@ -147,6 +149,7 @@ def _wrap_process_outputs(orig):
         try:
             svc = service()
             if svc is not None:
+                tracing = getattr(self, "tracing_enabled", True)
                 for o in engine_core_outputs:
                     if o.finish_reason is None:
                         continue
@@ -159,8 +162,11 @@ def _wrap_process_outputs(orig):
                     if o.request_id not in self.request_states:
                         continue  # already finished on the API side (e.g. stop string)
                     gen = measured.get("gen_tokens") if measured else None
-                    _stash[o.request_id] = _finished_attributes(svc, o.request_id, gen, measured)
-                    stashed.append(o.request_id)
+                    if tracing:
+                        _stash[o.request_id] = _finished_attributes(svc, o.request_id, gen, measured)
+                        stashed.append(o.request_id)
+                    else:
+                        _finished_attributes(svc, o.request_id, gen, measured, span=False)
             if finals is not None and svc is not None and finals.trace_headers:
                 svc.on_engine_finals(finals.trace_headers[FINALS_HEADER])
         except Exception as e:  # noqa: BLE001 - fail-open boundary
@@ -179,7 +185,7 @@ def _wrap_process_outputs(orig):
                 if svc is not None:
                     for rid in to_abort:
                         if svc.prediction(rid) is not None:
-                            _finished_attributes(svc, rid, None, None)
+                            _finished_attributes(svc, rid, None, None, span=False)
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("output_processor.process_outputs", e)
         return out

@@ -27,7 +27,6 @@ import contextvars
 import json
 import logging
 import math
-import weakref
 from typing import Any
 
 from . import _state
@@ -47,6 +46,13 @@ HEADER_MEASURED_FINAL = "x-llmco2-measured-final"
 HEADER_MEASURED_ESTIMATED_J = "x-llmco2-measured-estimated-energy-j"
 HEADER_MEASURED_UNCERTAINTY_J = "x-llmco2-measured-uncertainty-j"
 HEADER_MEASURED_SEQUENCES = "x-llmco2-measured-sequences"
+# The same names as ASGI header bytes, encoded once (they go on every response).
+(_B_ENERGY_J, _B_CO2_G, _B_ENERGY_J_UPPER, _B_GEN_TOKENS, _B_SEQUENCES, _B_MEASURED_ENERGY_J, _B_MEASURED_CO2_G,
+ _B_MEASURED_SOURCE, _B_MEASURED_FINAL, _B_MEASURED_ESTIMATED_J, _B_MEASURED_UNCERTAINTY_J,
+ _B_MEASURED_SEQUENCES) = (h.encode() for h in (
+    HEADER_ENERGY_J, HEADER_CO2_G, HEADER_ENERGY_J_UPPER, HEADER_GEN_TOKENS, HEADER_SEQUENCES,
+    HEADER_MEASURED_ENERGY_J, HEADER_MEASURED_CO2_G, HEADER_MEASURED_SOURCE, HEADER_MEASURED_FINAL,
+    HEADER_MEASURED_ESTIMATED_J, HEADER_MEASURED_UNCERTAINTY_J, HEADER_MEASURED_SEQUENCES))
 # Span attribute names (telemetry.py) read from the first answer.
 _A_SOURCE, _A_ENERGY, _A_CO2 = "llmco2.measured.source", "llmco2.measured.energy_j", "llmco2.measured.co2_g"
 _A_FINAL, _A_EST, _A_UNC = ("llmco2.measured.final", "llmco2.measured.estimated_energy_j",
@@ -63,7 +69,7 @@ class PredictionHolder:
 
     __slots__ = ("n", "energy_j", "co2_g", "energy_j_upper", "gen_tokens", "prompts", "_running",
                  "sequences", "m_n", "m_energy_j", "m_co2_g", "m_estimated_j", "m_uncertainty_j",
-                 "m_missing", "m_final", "m_sources", "__weakref__")
+                 "m_missing", "m_final", "m_sources", "request_ids")
 
     def __init__(self) -> None:
         self.n = 0
@@ -72,6 +78,7 @@ class PredictionHolder:
         self.prompts = 1  # prompts of a multi-prompt completion (merge_async_iterators patch)
         self._running: int | None = None
         self.sequences = 0  # sequences registered for a measurement (track())
+        self.request_ids: list[str] = []  # ... their request ids (untrack() when the response is done)
         self.m_n = 0  # ... of which a first answer arrived
         self.m_energy_j = self.m_co2_g = self.m_estimated_j = self.m_uncertainty_j = 0.0
         self.m_missing = 0  # first answers without an energy (pending, unavailable)
@@ -117,14 +124,14 @@ class PredictionHolder:
         m = self.measured()
         if m is None:
             return []
-        out = [(HEADER_MEASURED_SOURCE.encode(), m["source"].encode()),
-               (HEADER_MEASURED_FINAL.encode(), b"true" if m["final"] else b"false"),
-               (HEADER_MEASURED_SEQUENCES.encode(), str(m["sequences"]).encode())]
+        out = [(_B_MEASURED_SOURCE, m["source"].encode()),
+               (_B_MEASURED_FINAL, b"true" if m["final"] else b"false"),
+               (_B_MEASURED_SEQUENCES, b"%d" % m["sequences"])]
         if "energy_j" in m:
-            out += [(HEADER_MEASURED_ENERGY_J.encode(), f"{m['energy_j']:.9g}".encode()),
-                    (HEADER_MEASURED_CO2_G.encode(), f"{m['co2_g']:.9g}".encode()),
-                    (HEADER_MEASURED_ESTIMATED_J.encode(), f"{m['estimated_energy_j']:.9g}".encode()),
-                    (HEADER_MEASURED_UNCERTAINTY_J.encode(), f"{m['uncertainty_j']:.9g}".encode())]
+            out += [(_B_MEASURED_ENERGY_J, b"%.9g" % m["energy_j"]),
+                    (_B_MEASURED_CO2_G, b"%.9g" % m["co2_g"]),
+                    (_B_MEASURED_ESTIMATED_J, b"%.9g" % m["estimated_energy_j"]),
+                    (_B_MEASURED_UNCERTAINTY_J, b"%.9g" % m["uncertainty_j"])]
         return out
 
     def usage_object(self) -> dict[str, Any]:
@@ -156,11 +163,11 @@ class PredictionHolder:
     def headers(self) -> list[tuple[bytes, bytes]]:
         if not self.n:
             return []
-        return [(HEADER_ENERGY_J.encode(), f"{self.energy_j:.6g}".encode()),
-                (HEADER_CO2_G.encode(), f"{self.co2_g:.6g}".encode()),
-                (HEADER_ENERGY_J_UPPER.encode(), f"{self.energy_j_upper:.6g}".encode()),
-                (HEADER_GEN_TOKENS.encode(), str(self.gen_tokens).encode()),
-                (HEADER_SEQUENCES.encode(), str(self.n).encode())]
+        return [(_B_ENERGY_J, b"%.6g" % self.energy_j),
+                (_B_CO2_G, b"%.6g" % self.co2_g),
+                (_B_ENERGY_J_UPPER, b"%.6g" % self.energy_j_upper),
+                (_B_GEN_TOKENS, b"%d" % self.gen_tokens),
+                (_B_SEQUENCES, b"%d" % self.n)]
 
 
 _HOLDER: contextvars.ContextVar[PredictionHolder | None] = contextvars.ContextVar("llmco2_holder", default=None)
@@ -170,16 +177,25 @@ def current_holder() -> PredictionHolder | None:
     return _HOLDER.get()
 
 
-# Request id (vLLM's internal one, a sequence) -> the holder of its HTTP request. Weak: an entry
-# goes when its response is done, whether or not a first answer came (aborts, failures).
-_BY_REQUEST: weakref.WeakValueDictionary[str, PredictionHolder] = weakref.WeakValueDictionary()
+# Request id (vLLM's internal one, a sequence) -> the holder of its HTTP request. An entry goes
+# when its first answer is delivered, or when its response is done (the middleware drops what is
+# left: aborts, failures). A plain dict: a weak one costs a weakref and a callback per request.
+_BY_REQUEST: dict[str, PredictionHolder] = {}
 
 
 def track(request_id: str, holder: PredictionHolder) -> None:
     """Register one sequence of ``holder``'s response for its measurement."""
     if request_id not in _BY_REQUEST:
         holder.sequences += 1
+        holder.request_ids.append(request_id)
         _BY_REQUEST[request_id] = holder
+
+
+def untrack(holder: PredictionHolder) -> None:
+    """The response is done: forget its sequences that never got a first answer."""
+    for rid in holder.request_ids:
+        if _BY_REQUEST.get(rid) is holder:
+            del _BY_REQUEST[rid]
 
 
 def deliver_measured(request_id: str, attrs: dict) -> None:
@@ -224,6 +240,8 @@ class LLMCO2HeadersMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             _HOLDER.reset(token)
+            if holder.sequences:
+                untrack(holder)
 
 
 def _is_event_stream(start: dict) -> bool:

@@ -210,19 +210,30 @@ def test_process_outputs_reads_and_strips_measurement():
     got = []
 
     class Svc:
-        def on_finished(self, rid, gen, measured):
-            got.append((rid, gen, measured["energy_j"], measured["source"]))
+        def on_finished(self, rid, gen, measured, span=True):
+            got.append((rid, gen, measured["energy_j"], measured["source"], span))
             return {"llmco2.measured.source": measured["source"]}
     st.service = Svc()
     seen_stash = []
     wrapped = api_server._wrap_process_outputs(lambda self, outs, *a, **k: seen_stash.append(dict(api_server._stash)))
-    o = SimpleNamespace(request_id="r", finish_reason="length", trace_headers={
-        "traceparent": "tp", MEASURED_HEADER: '{"energy_j":2.5,"prefill_energy_j":1,"decode_energy_j":1.5,'
-                                              '"uncertainty_j":null,"source":"nvml","gen_tokens":4}'})
-    wrapped(SimpleNamespace(request_states={"r": object()}), [o])
-    assert got == [("r", 4, 2.5, "nvml")]
+
+    def output():
+        return SimpleNamespace(request_id="r", finish_reason="length", trace_headers={
+            "traceparent": "tp", MEASURED_HEADER: '{"energy_j":2.5,"prefill_energy_j":1,"decode_energy_j":1.5,'
+                                                  '"uncertainty_j":null,"source":"nvml","gen_tokens":4}'})
+    o = output()
+    wrapped(SimpleNamespace(request_states={"r": object()}, tracing_enabled=True), [o])
+    assert got == [("r", 4, 2.5, "nvml", True)]
     assert o.trace_headers == {"traceparent": "tp"}
     assert seen_stash == [{"r": {"llmco2.measured.source": "nvml"}}] and api_server._stash == {}
+    # Tracing off (vLLM's default): no span will be built, so only the response's part is asked
+    # for and nothing waits in the stash for a do_tracing that never comes.
+    got.clear(), seen_stash.clear()
+    o = output()
+    wrapped(SimpleNamespace(request_states={"r": object()}, tracing_enabled=False), [o])
+    assert got == [("r", 4, 2.5, "nvml", False)]
+    assert o.trace_headers == {"traceparent": "tp"}
+    assert seen_stash == [{}] and api_server._stash == {}
 
 
 def test_headers_middleware_holds_start_until_body_and_sums_predictions():
@@ -261,13 +272,30 @@ def test_middleware_is_added_only_when_headers_enabled(monkeypatch):
     assert added == [http_headers.LLMCO2HeadersMiddleware]
 
 
-def test_state_is_recreated_after_fork(monkeypatch):
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_state_is_recreated_after_fork():
+    # A real fork (as vLLM forks the engine core from the API server on GPU): the child must not
+    # see the parent's service, but keeps the settings and the on/off decision. state() caches the
+    # process's state; the cache must not survive the fork.
     hooks.register_general_plugin()
     st = _state.state()
     st.service = object()
-    monkeypatch.setattr(os, "getpid", lambda: st.pid + 1)
-    child = _state.state()
-    assert child is not st and child.active and child.service is None and child.settings is st.settings
+    assert _state.state() is st  # cached in the parent
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report and leave without running pytest's teardown
+        try:
+            child = _state.state()
+            ok = (child is not st and child.pid == os.getpid() and child.active and child.service is None
+                  and child.settings is st.settings and _state.state() is child)
+            os.write(w, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 8) == b"ok"
+    os.close(r)
+    assert _state.state() is st and st.service is not None  # the parent's is untouched
 
 
 def test_stat_logger_is_a_stat_logger_and_builds_the_service(tmp_path):

@@ -70,6 +70,12 @@ MM2_PER_CM2 = 100.0
 
 
 def _require_finite(name: str, value: float) -> float:
+    # Per request on the serving path: a plain float skips the ABC check (numbers.Real's
+    # isinstance costs microseconds through ABCMeta.__instancecheck__).
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        return value
     # bool is an int subclass: True would silently mean 1.0
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")

@@ -484,9 +484,11 @@ class EnergyService:
         raw_pre, raw_dec = pre, dec
         # CO2 = the predictor's embodied share (kept) + the operational CO2 of the (calibrated) energy
         # at the grid's intensity now (admission); the table and the GNN price it at the static one.
+        # Eq. 1 is linear in energy: its gCO2e per J, validated once per request, times each energy.
         pue, static = self.settings.pue, self.settings.intensity_g_per_kwh
-        emb = max(0.0, co2 - operational_co2_g(raw_pre + raw_dec, pue, static))
-        emb_upper = max(0.0, co2_upper - operational_co2_g(energy_upper, pue, static))
+        static_g_per_j = operational_co2_g(1.0, pue, static)
+        emb = max(0.0, co2 - (raw_pre + raw_dec) * static_g_per_j)
+        emb_upper = max(0.0, co2_upper - energy_upper * static_g_per_j)
         cal = self.calibrator
         calibrated = cal is not None and cal.is_active
         if calibrated:
@@ -496,8 +498,9 @@ class EnergyService:
             energy_upper *= (pre + dec) / raw if raw > 0 else 1.0
         energy = pre + dec
         ci = self.carbon_intensity.at(time.time())
-        co2 = emb + operational_co2_g(energy, pue, ci.g_per_kwh)
-        co2_upper = emb_upper + operational_co2_g(energy_upper, pue, ci.g_per_kwh)
+        now_g_per_j = operational_co2_g(1.0, pue, ci.g_per_kwh)
+        co2 = emb + energy * now_g_per_j
+        co2_upper = emb_upper + energy_upper * now_g_per_j
         latency = self._clock() - t0
         pred = RequestPrediction(
             request_id=request_id, prompt_len=int(prompt_len), max_tokens=cap, gen_tokens=expected,
@@ -570,13 +573,16 @@ class EnergyService:
         return dropped
 
     def on_finished(self, request_id: str, gen_tokens: int | None,
-                    measured: Mapping[str, Any] | None) -> dict[str, tm.AttributeValue]:
+                    measured: Mapping[str, Any] | None, span: bool = True) -> dict[str, tm.AttributeValue]:
         """Span attributes for a finished request (its prediction and the engine's *first answer*);
         learns its output length. Metrics and retraining pairs wait for the final value
         (:meth:`on_engine_finals`), so the prediction is kept until then (bounded).
 
         ``measured``: :func:`decode_measured` output, or None: the engine has not reported yet
         (a stop string ends the request here before the engine knows) — source ``pending``.
+        ``span=False`` (vLLM builds no span: tracing off): the same bookkeeping, but only the
+        ``llmco2.measured.*`` attributes the response headers read are built (a dozen fewer dict
+        entries per request on the serving path).
         """
         with self._lock:
             pred = self._pending.pop(request_id, None)
@@ -592,6 +598,10 @@ class EnergyService:
             early = self._early_finals.pop(request_id, None)
         if early is not None:
             self._take_final(early)
+        if not span:
+            if pred is not None and gen_tokens is not None and gen_tokens >= 0:
+                self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
+            return self._measured_attributes(request_id, measured, {})
         attrs: dict[str, tm.AttributeValue] = tm.context_attributes(
             gpu=self.gpu_label, n_gpu=self.model.n_gpu, gpu_source=self.gpu_source,
             intensity_g_per_kwh=(pred.carbon_intensity_g_per_kwh if pred is not None
@@ -620,6 +630,12 @@ class EnergyService:
                 self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
         elif self.error is None and self.predictor is not None:
             attrs[ERROR_ATTRIBUTE] = "no prediction recorded for this request"
+        return self._measured_attributes(request_id, measured, attrs)
+
+    def _measured_attributes(self, request_id: str, measured: Mapping[str, Any] | None,
+                             attrs: dict[str, tm.AttributeValue]) -> dict[str, tm.AttributeValue]:
+        """``attrs`` plus the engine's first answer (``llmco2.measured.*``), or ``pending`` /
+        ``unavailable`` when there is none."""
         if not measured:
             source = MEASURED_SOURCE_PENDING if self._engine_measuring() else tm.MEASURED_SOURCE_UNAVAILABLE
             if source == MEASURED_SOURCE_PENDING:
