@@ -12,8 +12,28 @@ the paired on/off ratio, and the plugin's mean API-side prediction cost per requ
 (from its own ``llmco2: N predictions, mean X ms`` log line, the difference between the line before
 and after the measured requests). No OTLP unless ``--otlp`` (a new user's server).
 Targets: ratio >= 0.95 with one-token requests, >= 0.98 with ``--max-tokens 32``; cost <= 0.1 ms.
+Also printed per run: the server's CPU milliseconds per request split by process (the API server's
+``python`` vs vLLM's ``VLLM::EngineCore`` and ``VLLM::Worker``): the plugin's API-side cost is the
+API server's difference between the two modes.
 
-Run: ``python benchmarks/serving_overhead.py [--max-tokens 1|32] [--pairs 2] [--json OUT]``.
+On a machine with fewer cores than busy processes (2 vCPUs: API server, engine core, worker and
+the clients) vLLM's engine core and worker busy-wait on their shared-memory queues
+(``sched_yield`` for a second after each read) and take CPU from the API server in a pattern that
+changes from run to run: identical runs then differ by up to 2x. Two options make the comparison
+stable there (both servers get the same treatment):
+
+* ``--pin``: the API server and the clients on CPU 0, the engine core and workers on CPU 1, as on a
+  GPU host where the API server has a core of its own;
+* ``--interleave``: both servers stay up and their measured runs alternate ABBA (never
+  overlapping; ``--settle-s`` idle seconds before each, so the other server's busy-wait has
+  stopped), so ``--pairs 6`` costs two start-ups instead of twelve. Default: a fresh server per run,
+  one after the other (issue 10's design).
+
+``--on-env KEY=VALUE`` sets a variable on the plugin-on server only (ablations: which part costs).
+``--server-arg=--disable-log-stats`` compares under vLLM's statistics off.
+
+Run: ``python benchmarks/serving_overhead.py [--max-tokens 1|32] [--pairs 2] [--pin] [--interleave]
+[--json OUT]``.
 
 **trace** (issue 3): the paired-rounds design below, for longer requests.
 
@@ -345,6 +365,13 @@ def _parse_args(argv: Sequence[str] | None, cpu: bool) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=1, help="throughput load: output tokens per request")
     p.add_argument("--prompt-tokens", type=int, default=16, help="throughput load: prompt tokens per request")
     p.add_argument("--pairs", type=int, default=2, help="throughput load: (off, on) pairs of server runs")
+    p.add_argument("--settle-s", type=float, default=1.5,
+                   help="throughput load: idle seconds before each measured run (vLLM's engine busy-waits ~1 s after a step)")
+    p.add_argument("--pin", action="store_true",
+                   help="throughput load: API server + clients on CPU 0, vLLM's engine core and workers on CPU 1 "
+                        "(2-core machines: keeps vLLM's busy-waiting engine off the API server's CPU)")
+    p.add_argument("--on-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="throughput load: extra environment for the plugin-on server only (ablation: which part costs)")
     p.add_argument("--otlp", action="store_true", help="throughput load: export traces to a local receiver")
     p.add_argument("--rounds", type=int, default=16, help="passes over the request set per server")
     p.add_argument("--probe-requests", type=int, default=10, help="sequential 1-token requests after each round (0 = skip)")
@@ -358,13 +385,15 @@ def _parse_args(argv: Sequence[str] | None, cpu: bool) -> argparse.Namespace:
                        help="one server at a time (default on a GPU)")
     order.add_argument("--interleave", dest="interleave", action="store_true",
                        help="both servers up, rounds alternate (default on the CPU build)")
-    p.set_defaults(interleave=cpu)
+    p.set_defaults(interleave=None)
     p.add_argument("--time-budget-s", type=float, default=200.0,
                    help="stop starting new rounds after this many seconds (default 200; at least 2 rounds run)")
     p.add_argument("--out", type=Path, default=Path("llmco2-bench"), help="folder for the model and server logs")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG")
     args = p.parse_args(argv)
+    if args.interleave is None:  # trace: both up on the CPU build; throughput: issue 10's one server at a time
+        args.interleave = cpu if args.load == "trace" else False
     defaults = {"throughput": (3000, 64, 300), "trace": (64, 8, 8)}[args.load]
     for name, value in zip(("requests", "concurrency", "warmup"), defaults):
         if getattr(args, name) is None:
@@ -473,46 +502,79 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
         extra = [*serverctl.default_engine_args(max_model_len=args.max_model_len, cpu=cpu), *args.server_arg]
         if receiver is not None:
             extra += ["--otlp-traces-endpoint", receiver.traces_endpoint]
-        for k in range(args.pairs):
-            for mode in MODES if k % 2 == 0 else MODES[::-1]:  # ABBA: off on on off off on ...
-                env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(mode == "on"),
-                       "VLLM_LOG_STATS_INTERVAL": "1", "LLMCO2_PAIRS_PATH": "",
-                       "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
-                log_path = args.out / f"vllm-{mode}-{k}.log"
-                print(f"[{time.perf_counter() - t_start:6.1f} s] pair {k + 1}/{args.pairs}: starting server, "
-                      f"plugin {mode} ...", flush=True)
-                with serverctl.VllmServer(model_dir, env=env, extra_args=extra, log_path=log_path) as server:
-                    name = server.served_model()
-                    if args.warmup:
-                        run_round(server.base_url, throughput_bodies(name, vocabulary, args.warmup, args.prompt_tokens,
-                                                                     args.max_tokens, seed=1000 + k),
-                                  args.concurrency)
-                    before = _wait_for_log_count(server, args.warmup, 5.0) if mode == "on" else None
-                    bodies = throughput_bodies(name, vocabulary, args.requests, args.prompt_tokens, args.max_tokens,
-                                               seed=k)
-                    load0 = load_average()
-                    stats = run_round(server.base_url, bodies, args.concurrency,
-                                      cpu_time_s=server.cpu_time_s if Path("/proc").is_dir() else None)
-                    load1 = load_average()
-                    after = (_wait_for_log_count(server, args.warmup + stats.n_ok, 15.0) if mode == "on" else None)
-                    run = {
-                        "pair": k, "mode": mode, "requests_per_s": stats.requests_per_s,
-                        "output_tokens_per_s": stats.output_tokens_per_s, "n_ok": stats.n_ok,
-                        "n_failed": stats.n_failed, "errors": list(stats.errors[:5]),
-                        "server_cpu_ms_per_request": stats.server_cpu_ms_per_request,
-                        "latency_p50_ms": percentile(stats.latencies_s, 50) * 1e3 if stats.latencies_s else None,
-                        "responses_with_llmco2_header": stats.n_with_header,
-                        "loadavg_before": load0, "loadavg_after": load1,
-                        "plugin_mean_ms": mean_cost_between(before, after),
-                        "plugin_log_after": after,
-                    }
-                    runs.append(run)
-                    cost = "" if run["plugin_mean_ms"] is None else f", plugin {run['plugin_mean_ms']:.3f} ms/prediction"
-                    print(f"[{time.perf_counter() - t_start:6.1f} s]   plugin {mode:3s}: {stats.requests_per_s:7.1f} req/s, "
-                          f"server CPU {_fmt(stats.server_cpu_ms_per_request, '.2f')} ms/req{cost}, "
-                          f"{stats.n_failed} failed; load average {load0} -> {load1}", flush=True)
-                    for err in stats.errors[:3]:
-                        print(f"            failed request: {err[:200]}", flush=True)
+        sent: dict[int, int] = {}  # requests sent to each server so far (its plugin counts its predictions)
+
+        def start(mode: str, tag: str) -> serverctl.VllmServer:
+            env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(mode == "on"),
+                   "VLLM_LOG_STATS_INTERVAL": "1", "LLMCO2_PAIRS_PATH": "",
+                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                   **(dict(kv.split("=", 1) for kv in args.on_env) if mode == "on" else {})}
+            print(f"[{time.perf_counter() - t_start:6.1f} s] {tag}: starting server, plugin {mode} ...", flush=True)
+            server = stack.enter_context(serverctl.VllmServer(model_dir, env=env, extra_args=extra,
+                                                              log_path=args.out / f"vllm-{mode}-{tag.split()[-1]}.log"))
+            if args.pin:
+                pinned = server.pin_processes({0}, {1})
+                os.sched_setaffinity(0, {0})  # the clients share the API server's CPU
+                print(f"            pinned: API server {pinned['api']} and clients on CPU 0, "
+                      f"engine {pinned['engine']} on CPU 1", flush=True)
+            if args.warmup:
+                run_round(server.base_url, throughput_bodies(server.served_model(), vocabulary, args.warmup,
+                                                             args.prompt_tokens, args.max_tokens, seed=1000),
+                          args.concurrency)
+            sent[id(server)] = args.warmup
+            return server
+
+        def measure(mode: str, server: serverctl.VllmServer, k: int) -> None:
+            time.sleep(args.settle_s)  # vLLM's engine busy-waits ~1 s after its last step: let it stop
+            name = server.served_model()
+            before = _wait_for_log_count(server, sent[id(server)], 5.0) if mode == "on" else None
+            bodies = throughput_bodies(name, vocabulary, args.requests, args.prompt_tokens, args.max_tokens, seed=k)
+            load0 = load_average()
+            by_proc0 = server.cpu_time_by_process() if Path("/proc").is_dir() else {}
+            stats = run_round(server.base_url, bodies, args.concurrency,
+                              cpu_time_s=server.cpu_time_s if Path("/proc").is_dir() else None)
+            by_proc1 = server.cpu_time_by_process() if Path("/proc").is_dir() else {}
+            load1 = load_average()
+            # CPU ms per request of each server process (API server vs engine core): where a cost lands.
+            cpu_by_process = {pname: 1e3 * (t - by_proc0.get(pname, 0.0)) / max(1, stats.n_ok)
+                              for pname, t in by_proc1.items()}
+            sent[id(server)] += len(bodies)
+            after = _wait_for_log_count(server, sent[id(server)], 15.0) if mode == "on" else None
+            run = {
+                "pair": k, "mode": mode, "requests_per_s": stats.requests_per_s,
+                "output_tokens_per_s": stats.output_tokens_per_s, "n_ok": stats.n_ok,
+                "n_failed": stats.n_failed, "errors": list(stats.errors[:5]),
+                "server_cpu_ms_per_request": stats.server_cpu_ms_per_request,
+                "cpu_ms_per_request_by_process": cpu_by_process,
+                "latency_p50_ms": percentile(stats.latencies_s, 50) * 1e3 if stats.latencies_s else None,
+                "responses_with_llmco2_header": stats.n_with_header,
+                "loadavg_before": load0, "loadavg_after": load1,
+                "plugin_mean_ms": mean_cost_between(before, after),
+                "plugin_log_after": after,
+            }
+            runs.append(run)
+            cost = "" if run["plugin_mean_ms"] is None else f", plugin {run['plugin_mean_ms']:.3f} ms/prediction"
+            print(f"[{time.perf_counter() - t_start:6.1f} s]   pair {k + 1} plugin {mode:3s}: "
+                  f"{stats.requests_per_s:7.1f} req/s, server CPU {_fmt(stats.server_cpu_ms_per_request, '.2f')} "
+                  f"ms/req{cost}, {stats.n_failed} failed; load average {load0} -> {load1}", flush=True)
+            print("            CPU ms/req by process: " + ", ".join(
+                f"{pname} {ms:.2f}" for pname, ms in sorted(cpu_by_process.items(), key=lambda x: -x[1])
+                if ms >= 0.005), flush=True)
+            for err in stats.errors[:3]:
+                print(f"            failed request: {err[:200]}", flush=True)
+
+        if args.interleave:  # both servers up; their rounds alternate ABBA, never overlapping
+            servers = {mode: start(mode, "both up") for mode in MODES}
+            for k in range(args.pairs):
+                for mode in MODES if k % 2 == 0 else MODES[::-1]:
+                    measure(mode, servers[mode], k)
+        else:  # issue 10's design: a fresh server per run, one at a time
+            for k in range(args.pairs):
+                for mode in MODES if k % 2 == 0 else MODES[::-1]:  # ABBA: off on on off off on ...
+                    with contextlib.ExitStack() as one:
+                        server = start(mode, f"pair {k + 1}/{args.pairs} {k}")
+                        one.callback(server.stop)
+                        measure(mode, server, k)
     summary = summarize_throughput(runs, args.max_tokens)
     total_s = time.perf_counter() - t_start
     print()

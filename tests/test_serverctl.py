@@ -40,7 +40,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 # HEALTH_STATUS says so), everything else 404. Before serving it starts a grandchild
 # (sleep) in the same process group and writes "<own pid> <grandchild pid>" to PID_FILE.
 # IGNORE_TERM=1 makes it ignore SIGTERM; EXIT_CODE makes it exit at once with that code;
-# BURN_CPU_S makes it spin that many CPU seconds before serving.
+# BURN_CPU_S makes it spin that many CPU seconds before serving; CHILD_COMM renames the grandchild
+# (/proc/PID/comm), as vLLM names its engine processes "VLLM::EngineCore" and "VLLM::Worker".
 _DUMMY_SERVER = textwrap.dedent(
     """
     import http.server, os, signal, subprocess, sys, time
@@ -50,7 +51,8 @@ _DUMMY_SERVER = textwrap.dedent(
         sys.exit(int(os.environ["EXIT_CODE"]))
     if os.environ.get("IGNORE_TERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    child = subprocess.Popen([sys.executable, "-c", "import os, time; name = os.environ.get('CHILD_COMM'); "
+                              "name and open('/proc/self/comm', 'w').write(name); time.sleep(300)"])
     with open(os.environ["PID_FILE"], "w") as f:
         f.write(f"{os.getpid()} {child.pid}")
     time.sleep(float(os.environ.get("READY_DELAY_S", "0")))
@@ -388,3 +390,22 @@ def test_server_gets_sigterm_when_its_parent_dies(tmp_path):
         for pid in map(int, text):  # never leak the dummy, whatever failed above
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning to two CPUs needs two")
+def test_pin_processes_and_cpu_time_by_process(dummy):
+    # What the throughput benchmark relies on (--pin, the per-process CPU split), checked against
+    # the kernel's own view: the affinity the scheduler reports and the CPU time it accounted.
+    api_cpu, engine_cpu = sorted(os.sched_getaffinity(0))[:2]
+    server = dummy(env={"CHILD_COMM": "VLLM::Fake", "BURN_CPU_S": "0.3"}).start()
+    leader, child = dummy.pids()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}/comm").read_text().strip() != "VLLM::Fake" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pinned = server.pin_processes({api_cpu}, {engine_cpu})
+    assert leader in pinned["api"] and child in pinned["engine"]
+    assert os.sched_getaffinity(leader) == {api_cpu} and os.sched_getaffinity(child) == {engine_cpu}
+    by_name = server.cpu_time_by_process()
+    leader_name = Path(f"/proc/{leader}/comm").read_text().strip()
+    assert by_name[leader_name] >= 0.25  # it burnt 0.3 CPU seconds before serving
+    assert by_name["VLLM::Fake"] < 0.25  # the sleeping grandchild did not

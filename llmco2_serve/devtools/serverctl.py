@@ -369,6 +369,53 @@ class ServerProcess:
             ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
         return ticks / os.sysconf("SC_CLK_TCK")
 
+    def cpu_time_by_process(self) -> dict[str, float]:
+        """User + system CPU seconds per process name (``/proc/PID/comm``, e.g. vLLM's
+        ``VLLM::EngineCore`` and the API server's ``python``) of the server's group, summed over
+        processes of the same name. Linux only. Tells which process a cost lands in."""
+        if self._proc is None:
+            raise RuntimeError("ServerProcess is not started")
+        out: dict[str, float] = {}
+        tck = os.sysconf("SC_CLK_TCK")
+        for pid in _group_members(self._proc.pid):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:  # exited while we looked
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tck
+        return out
+
+    def pin_processes(self, api_cpus: set[int], engine_cpus: set[int]) -> dict[str, list[int]]:
+        """Pin every thread of the server's processes: vLLM's engine-side processes (``comm``
+        starting with ``VLLM::``: engine core, workers) to ``engine_cpus``, the rest (the API
+        server) to ``api_cpus``. Linux only. Returns {"api": pids, "engine": pids}.
+
+        Why: vLLM's engine core and workers busy-wait (``sched_yield``) on their shared-memory
+        queues for a second after each read; on a machine with fewer cores than busy processes
+        they take CPU from the API server in a pattern that changes from run to run, so
+        throughput swings by 2x between identical runs. Pinned, the API server has its CPUs to
+        itself, as on a GPU host, and its per-request cost decides throughput (benchmarks)."""
+        if self._proc is None:
+            raise RuntimeError("ServerProcess is not started")
+        out: dict[str, list[int]] = {"api": [], "engine": []}
+        for pid in _group_members(self._proc.pid):
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                tids = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+            except OSError:
+                continue
+            side = "engine" if name.startswith("VLLM::") else "api"
+            cpus = engine_cpus if side == "engine" else api_cpus
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(tid, cpus)
+                except OSError:  # thread exited
+                    pass
+            out[side].append(pid)
+        return out
+
     def log_tail(self, n_lines: int = 40) -> str:
         try:
             lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
