@@ -7,7 +7,8 @@ Two messages go out, both inside vLLM's own ``EngineCoreOutputs`` (no side chann
   (``x-llmco2-measured``), so the request's span carries it (``final`` false when part of it is
   an open-window estimate);
 * *final values* of every finished request (aborted ones and stop-string finishes too) plus the
-  engine's energy books (counters' total, idle, unreported, per GPU), on a synthetic output with
+  engine's energy books (counters' total, idle, unreported, per GPU) and, with the books, merged
+  counter windows for the API server's calibrator (``runtime/windows.py``), on a synthetic output with
   request id ``llmco2-finals`` (``x-llmco2-finals``). vLLM's output processor ignores outputs of
   unknown request ids; the API-side patch strips it before vLLM sees it. They ride on the step's
   outputs while the engine is busy, and an idle poller thread (started with the busy loop) puts
@@ -181,13 +182,23 @@ class EngineSide:
             books = {"engine": self.engine_index, "source": meter.source + suffix, "devices": t["devices"],
                      "total_j": t["per_device_total_j"], "idle_j": t["per_device_idle_j"],
                      "unreported_j": t["unreported_j"], "live": t["live"], "pending": t["pending"]}
+        # Merged counter windows (calibration observations, runtime/windows.py) ride with the books:
+        # about one message a second, at most MAX_PER_MESSAGE rows; the API server's calibrator learns.
+        wins = meter.pop_windows() if books is not None else ()
+        windows = ({"source": books["source"], "predictor": meter.predictor_label,
+                    "rows": [w.to_row() for w in wins]} if wins else None)
         for client, rows in by_client.items():
             msg: dict[str, Any] = {"finals": rows}
             if books is not None and client == 0:
                 msg["books"] = books
+                if windows:
+                    msg["windows"] = windows
             out[client] = json.dumps(msg, separators=(",", ":"))
         if books is not None and 0 not in out:
-            out[0] = json.dumps({"finals": [], "books": books}, separators=(",", ":"))
+            msg = {"finals": [], "books": books}
+            if windows:
+                msg["windows"] = windows
+            out[0] = json.dumps(msg, separators=(",", ":"))
         return out
 
     def _idle_loop(self) -> None:

@@ -205,7 +205,9 @@ def _calibration_summary(svc: Any) -> str:
     st = cal.state()
     err = st["error"]
     rejected = sum(st["rejected"].values())
-    text = (f"; calibration {st['observations']} observations ({rejected} rejected), "
+    kinds = st["by_kind"]
+    text = (f"; calibration {st['observations']} observations ({kinds.get('window', 0)} counter windows, "
+            f"{kinds.get('request', 0)} requests; {rejected} rejected), "
             f"{'active' if st['active'] else 'inactive'}, prefill x{st['prefill_factor']:.3g} "
             f"slope {st['prefill_batch_slope']:+.2f}, decode x{st['decode_factor']:.3g} "
             f"slope {st['decode_batch_slope']:+.2f}")

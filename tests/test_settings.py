@@ -100,7 +100,7 @@ def test_settings_is_frozen_and_covers_every_variable():
     from llmco2_serve.runtime.settings import _PARSERS
     from dataclasses import fields
     assert {f.name for f in fields(Settings)} == set(_PARSERS) | {"config_file"}
-    assert ENERGY_READER_MODES == ("auto", "nvml", "cpu-estimate", "fake", "off")  # fake: test-only reader
+    assert ENERGY_READER_MODES == ("auto", "nvml", "cpu-estimate", "fake", "fake-work", "off")  # fake*: test-only
 
 
 def test_otlp_metrics_endpoint_is_a_base_url():

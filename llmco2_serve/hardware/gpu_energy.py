@@ -53,6 +53,7 @@ __all__ = [
     "ManualClock",
     "NullEnergyReader",
     "CodecarbonCpuEstimateReader",
+    "WorkFakeReader",
     "nvml_available",
     "open_energy_reader",
     "NVML_UPDATE_PERIOD_S",
@@ -867,10 +868,86 @@ class ProcessCpuFakeReader:
         return f"ProcessCpuFakeReader(idle {self.idle_w} W, {self.busy_w} W per CPU, {self.update_period_s} s)"
 
 
+class WorkFakeReader:
+    """TEST-ONLY counter whose energy follows the work the engine scheduled
+    (``LLMCO2_ENERGY_READER=fake-work``), not the host's CPU time.
+
+    Why: :class:`ProcessCpuFakeReader` prices the engine process's CPU time, and vLLM's engine core
+    busy-waits (``sched_yield``) on the shared-memory queue while its worker computes a step: that
+    CPU time is about the step's wall time times the share of a core the process gets, so the same
+    requests measure differently when other processes load the machine. A GPU's counter depends on
+    the kernels it runs, not on the host's load; so does this one. Source ``"fake"``.
+
+    Power model (its own, deliberately not the predictor's): ``idle_w`` all the time, plus per step
+    ``busy_w`` x (2 ms + 40 us per prefill token + 0.8 ms x decode rows ** 0.6) joules (a fixed step
+    cost, linear prefill, decode rows with a batch exponent the GNN does not have). The engine meter
+    hands it each step's rows when it records the step (:meth:`observe_step`, before the read that
+    closes the step's window); like NVML the integer mJ counter moves only at update instants
+    (``update_period_s`` with +-20 % jitter).
+    """
+
+    source = "fake"
+    STEP_S = 2e-3
+    PREFILL_TOKEN_S = 40e-6
+    DECODE_ROWS_S = 0.8e-3
+    DECODE_ROWS_EXPONENT = 0.6
+
+    def __init__(self, idle_w: float = 60.0, busy_w: float = 240.0, update_period_s: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
+        import random
+
+        self.idle_w = float(idle_w)
+        self.busy_w = float(busy_w)
+        self.update_period_s = float(update_period_s)
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._t_update = float(clock())
+        self._pending_j = 0.0
+        self.work_energy_j = 0.0  # ground truth: dynamic energy of every observed step
+        self._mj = 0
+        self._next = self._t_update + self._period()
+
+    def _period(self) -> float:
+        return self.update_period_s * self._rng.uniform(0.8, 1.2)
+
+    def step_energy_j(self, rows: Sequence[tuple[Any, str, int, int]]) -> float:
+        """Dynamic energy of one step: rows are (request id, "prefill"|"decode", tokens, context)."""
+        prefill = sum(r[2] for r in rows if r[1] == "prefill")
+        decode = sum(1 for r in rows if r[1] != "prefill")
+        return self.busy_w * (self.STEP_S + self.PREFILL_TOKEN_S * prefill
+                              + self.DECODE_ROWS_S * decode ** self.DECODE_ROWS_EXPONENT)
+
+    def observe_step(self, rows: Sequence[tuple[Any, str, int, int]]) -> None:
+        if rows:
+            e = self.step_energy_j(rows)
+            self._pending_j += e
+            self.work_energy_j += e
+
+    def device_names(self) -> list[str]:
+        return ["fake:0 work-power-model"]
+
+    def energy_mj(self) -> list[int]:
+        t = float(self._clock())
+        if t >= self._next:
+            while self._next <= t:  # the latest update instant at or before t
+                last = self._next
+                self._next += self._period()
+            energy_j = self.idle_w * (last - self._t_update) + self._pending_j
+            self._mj += int(round(energy_j * 1000.0))
+            self._t_update, self._pending_j = last, 0.0
+        return [self._mj]
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"WorkFakeReader(idle {self.idle_w} W, busy {self.busy_w} W x modelled step seconds)"
+
+
 # --------------------------------------------------------------------------------------------
 # Opening with an open fallback chain
 # --------------------------------------------------------------------------------------------
-_MODES = ("auto", "nvml", "cpu-estimate", "fake", "none")
+_MODES = ("auto", "nvml", "cpu-estimate", "fake", "fake-work", "none")
 
 
 def open_energy_reader(
@@ -895,6 +972,9 @@ def open_energy_reader(
     if mode == "fake":
         logger.warning("llmco2 energy: TEST-ONLY fake counter (CPU-time power model), source 'fake'")
         return ProcessCpuFakeReader(idle_w=fake_power_w[0], busy_w=fake_power_w[1])
+    if mode == "fake-work":
+        logger.warning("llmco2 energy: TEST-ONLY fake counter (work power model), source 'fake'")
+        return WorkFakeReader(idle_w=fake_power_w[0], busy_w=fake_power_w[1])
     reasons: list[str] = []
     if mode in ("auto", "nvml"):
         try:

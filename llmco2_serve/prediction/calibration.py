@@ -71,7 +71,11 @@ update costs a few microseconds and a correction under one (``benchmarks/calibra
 
 What it learns from
 -------------------
-Only real measurements: the measured ``source`` must be ``nvml`` (or ``fake``, the test-only
+In the plugin, two kinds of observations: finished requests (the API server's own prediction vs
+the engine's final measured value) and counter windows (``runtime/windows.py``: the engine core
+merges its closed NVML windows into one observation per >= 0.5 s, with the busy energy they gave to
+requests and the GNN's energy of the steps inside them, priced on the request predictions' scale by
+``prediction/step_energy.py``; they reach the API server with the engine's books). Only real measurements: the measured ``source`` must be ``nvml`` (or ``fake``, the test-only
 counter). Everything else -- ``cpu-estimate-codecarbon`` (an estimate, not a measurement),
 ``unavailable``, ``pending`` (no final value yet), any ``-partial`` (some GPUs not read) or
 ``-shared`` (the GPUs run other work) source -- is rejected and counted in :attr:`Calibrator.rejected`
@@ -388,6 +392,12 @@ class Calibrator:
     def _count(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self._dirty = True
+
+    def count_rejected(self, reason: str) -> None:
+        """Count an observation refused before it reached ``observe_*`` (e.g. a malformed counter
+        window from the engine) under ``reason`` in :attr:`rejected`."""
+        with self._lock:
+            self._count(str(reason))
 
     def observe_request(self, *, predicted_prefill_j: float, predicted_decode_j: float, measured_prefill_j: float,
                         measured_decode_j: float, batch: float, source: str, uncertainty_j: float | None = None,

@@ -108,6 +108,10 @@ CALIBRATION_OBSERVATIONS: Final = MetricSpec(
     "llmco2_calibration_observations", "gauge",
     "Final measured values the calibration has learnt from (restarts at a deployment change)",
     ("model_name",))
+CALIBRATION_OBSERVATIONS_BY_KIND: Final = MetricSpec(
+    "llmco2_calibration_observations_by_kind", "gauge",
+    "Of those: merged NVML counter windows (kind=window) and finished requests (kind=request)",
+    ("model_name", "kind"))
 CALIBRATION_ACTIVE: Final = MetricSpec(
     "llmco2_calibration_active", "gauge", "1 when the calibration is applied to predictions", ("model_name",))
 FAILURES: Final = MetricSpec(
@@ -116,7 +120,8 @@ FAILURES: Final = MetricSpec(
     ("patch",))
 
 SPECS: Final = (ENERGY, CO2, REQUESTS, GPU_ENERGY, IDLE_ENERGY, UNREPORTED_ENERGY, RELATIVE_ERROR,
-                INTENSITY, PUE, CALIBRATION_FACTOR, CALIBRATION_OBSERVATIONS, CALIBRATION_ACTIVE, FAILURES)
+                INTENSITY, PUE, CALIBRATION_FACTOR, CALIBRATION_OBSERVATIONS,
+                CALIBRATION_OBSERVATIONS_BY_KIND, CALIBRATION_ACTIVE, FAILURES)
 
 # Made by another part of the plugin in the same process (admission control creates it with
 # prometheus_client itself); listed so the dashboard may query it. Not instantiated here.
@@ -246,6 +251,10 @@ class PrometheusMetrics:
         obs = _finite_non_negative(state.get("observations"))
         if obs is not None:
             self._m[CALIBRATION_OBSERVATIONS.name].labels(model_name=model).set(obs)
+        for kind, n in (state.get("by_kind") or {}).items():
+            n = _finite_non_negative(n)
+            if n is not None:
+                self._m[CALIBRATION_OBSERVATIONS_BY_KIND.name].labels(model_name=model, kind=str(kind)).set(n)
         self._m[CALIBRATION_ACTIVE.name].labels(model_name=model).set(1.0 if state.get("active") else 0.0)
 
     def observe_service(self, svc: Any, *, force: bool = False) -> None:

@@ -129,6 +129,7 @@ from typing import Any, Literal
 import numpy as np
 
 from llmco2_serve.hardware.gpu_energy import EnergyReader, EnergyReaderError
+from llmco2_serve.runtime.windows import WindowAggregator
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +298,14 @@ class EnergyAttributor:
         self._cum_work = 0.0
         self._cum_work_c = 0.0
         self._cum_mass_sq = 0.0
+        # Predicted energy of the recorded steps (J, the GNN's scale; record_step's predicted_j),
+        # their rows, and the steps recorded without a prediction: a window whose steps all have
+        # one becomes a calibration observation (collect_windows, runtime/windows.py).
+        self._cum_pred_p = 0.0
+        self._cum_pred_d = 0.0
+        self._cum_rows = 0.0
+        self._cum_unpredicted = 0
+        self.windows: WindowAggregator | None = None
         self._total_j = 0.0
         self._idle_j = 0.0
         self._attributed_j = 0.0
@@ -327,6 +336,7 @@ class EnergyAttributor:
         self._snap_work = [0.0] * n
         self._snap_work_c = [0.0] * n
         self._snap_mass_sq = [0.0] * n
+        self._snap_pred = [(0.0, 0.0, 0.0, 0)] * n  # (prefill J, decode J, rows, unpredicted steps)
         # Per device, exponentially weighted least-squares sums of the work-price fit:
         # [S_cc, S_cm, S_mm, S_cy, S_my, windows] (see _work_prices).
         self._price_sums = [[0.0] * 6 for _ in range(n)]
@@ -449,7 +459,7 @@ class EnergyAttributor:
     def record_step(self, start_s: float, end_s: float, request_ids: Sequence[str],
                     is_prefill: Sequence[bool], weights: Sequence[float], read: bool = True,
                     work_s: bool = False, compute_s: Sequence[float] | None = None,
-                    now_s: float | None = None) -> None:
+                    now_s: float | None = None, predicted_j: tuple[float, float] | None = None) -> None:
         """Record one finished engine step (parallel sequences, one item per row) and read the
         counters once (unless ``read`` is False: the caller rate-limits reads).
 
@@ -468,6 +478,8 @@ class EnergyAttributor:
         ``now_s``: when the step is recorded (default: the clock now); a step recorded later than
         it finished (queued for a background thread) passes its end time, so the steps after it
         keep their own time.
+        ``predicted_j``: (prefill J, decode J) the GNN predicts for this step (all devices), for the
+        counter-window observations of :meth:`collect_windows`; None: the step has none.
         """
         t = float(self._clock()) if now_s is None else float(now_s)
         dur = self._step_duration(start_s, end_s, t, self._boundary_t)
@@ -540,6 +552,12 @@ class EnergyAttributor:
                 self._cum_busy_s += dur
                 self._cum_mass += step_m
                 self._cum_mass_sq += step_m * step_m
+                self._cum_rows += n_rows
+                if predicted_j is None:
+                    self._cum_unpredicted += 1
+                else:
+                    self._cum_pred_p += predicted_j[0]
+                    self._cum_pred_d += predicted_j[1]
         if read and not self._failed:
             self._read(t)
 
@@ -602,6 +620,18 @@ class EnergyAttributor:
             return unrep
         req = self._reqs[rid] = _Req(rid, self._new_slot())
         return req
+
+    def collect_windows(self, min_span_s: float | None = None, max_kept: int | None = None) -> WindowAggregator:
+        """From now on, every closed window with work whose steps all carried ``predicted_j``
+        becomes part of a calibration observation (runtime/windows.py); returns the aggregator
+        (pop its observations with ``.pop()``)."""
+        kwargs: dict[str, Any] = {}
+        if min_span_s is not None:
+            kwargs["min_span_s"] = min_span_s
+        if max_kept is not None:
+            kwargs["max_kept"] = max_kept
+        self.windows = WindowAggregator(**kwargs)
+        return self.windows
 
     def set_update_period(self, period_s: float) -> None:
         """Use a measured counter update period (seconds) from now on: for the boundary and
@@ -863,6 +893,17 @@ class EnergyAttributor:
             self._attributed_j += e_busy
             self._k[d] = k
             self._window_avg_w[d].append((p_avg_w, False))
+            agg = self.windows
+            if agg is not None:
+                snap_p, snap_d, snap_rows, snap_unpred = self._snap_pred[d]
+                if self._cum_unpredicted == snap_unpred:
+                    q = e_busy / de_j  # the busy share of energy that moves across a boundary
+                    share = 1.0 / self._n_devices
+                    agg.add(d, win_no, self._open_t[d], t, e_busy, eps_open * q, eps_close * q,
+                            split_rel * e_busy, (self._cum_pred_p - snap_p) * share,
+                            (self._cum_pred_d - snap_d) * share, n_win_steps, self._cum_rows - snap_rows)
+                else:
+                    agg.skip(d)
         self._open_t[d] = t
         self._open_delta_s[d] = delta_close
         self._eps_open_j[d] = eps_close
@@ -872,6 +913,7 @@ class EnergyAttributor:
         self._snap_work[d] = self._cum_work
         self._snap_work_c[d] = self._cum_work_c
         self._snap_mass_sq[d] = self._cum_mass_sq
+        self._snap_pred[d] = (self._cum_pred_p, self._cum_pred_d, self._cum_rows, self._cum_unpredicted)
 
     def _work_prices(self, d: int, work_c: float, work_m: float, dyn_j: float) -> tuple[float, float]:
         """Relative price of a second of compute and of memory traffic on device ``d``.

@@ -17,6 +17,7 @@ import numpy as np
 
 from llmco2_serve.runtime.attribution import EnergyAttributor, MeasuredEnergy
 from llmco2_serve.hardware.gpu_energy import EnergyReader, measure_update_period_s
+from llmco2_serve.runtime.windows import MAX_PER_MESSAGE, MIN_SPAN_S, WindowObservation
 from llmco2_serve.workload.step_costs import StepCostModel
 
 __all__ = ["EngineMeter", "StepRow"]
@@ -45,16 +46,35 @@ class EngineMeter:
 
     Thread-safe: one lock around the attributor, so an idle poller thread may call
     :meth:`idle_tick` while the engine thread steps (uncontended on the step path).
+
+    Counter windows as calibration observations (``runtime/windows.py``): once the predictor is
+    set, each recorded step also carries its predicted energy in the GNN's joules
+    (:class:`~llmco2_serve.prediction.step_energy.StepEnergyScale`, computed where the step is
+    recorded: on the poller thread with background reads), and closed windows are merged into
+    observations that :meth:`pop_windows` hands out (``window_min_span_s``; None: off).
     """
 
     def __init__(self, reader: EnergyReader, predictor: Any = None, *,
                  clock: Callable[[], float] = time.monotonic, min_read_interval_s: float | None = None,
-                 background_reads: bool = False, **attributor_kwargs: Any) -> None:
+                 background_reads: bool = False, window_min_span_s: float | None = None,
+                 **attributor_kwargs: Any) -> None:
         self.reader = reader
         self.predictor: Any = None
         self._clock = clock
         self._lock = threading.Lock()
         self.attributor = EnergyAttributor(reader, clock, **attributor_kwargs)
+        # Window observations: on unless switched off (window_min_span_s < 0). Default span: 0.5 s,
+        # at least 5 counter periods (boundary error sqrt(2) / 5 = 28 %, windows.py).
+        self._windows = None
+        self._default_span = window_min_span_s is None
+        if self._default_span or window_min_span_s >= 0:
+            self._windows = self.attributor.collect_windows(
+                min_span_s=self._span_for(float(getattr(reader, "update_period_s", 0.0) or 0.0))
+                if self._default_span else window_min_span_s)
+        self._scale: Any = None  # StepEnergyScale once a predictor is set
+        # TEST-ONLY counters whose energy follows the scheduled work (gpu_energy.WorkFakeReader) are
+        # told each step's rows when it is recorded, before the read that closes its window.
+        self._work_feed: Callable[[Sequence[StepRow]], None] | None = getattr(reader, "observe_step", None)
         # Reads closer together than this add no information (the counter moves once per
         # update period) but cost one NVML call per GPU: rate-limit them on the step path.
         period = float(getattr(reader, "update_period_s", 0.0) or 0.0)
@@ -81,6 +101,16 @@ class EngineMeter:
         if predictor is not None:
             self.set_predictor(predictor)
 
+    @staticmethod
+    def _span_for(period_s: float) -> float:
+        return max(MIN_SPAN_S, 5.0 * period_s)
+
+    @property
+    def predictor_label(self) -> str | None:
+        """Label of the predictor's weights (what the step predictions are priced with), or None."""
+        weights = getattr(self.predictor, "weights", None)
+        return getattr(weights, "label", None)
+
     @property
     def source(self) -> str:
         return self.attributor.source
@@ -94,7 +124,17 @@ class EngineMeter:
             costs = None
         ok = costs is not None and all(math.isfinite(x) and x >= 0 for x in (
             *costs.own_coef_s, costs.head_row_s, costs.shared_s)) and costs.decode_row_s(0) > 0
+        scale = None
+        if ok and self._windows is not None:
+            try:  # the GNN on a small grid (~10-50 ms): called off the step loop (engine_core.py)
+                from llmco2_serve.prediction.step_energy import StepEnergyScale
+
+                scale = StepEnergyScale.from_predictor(predictor, costs)
+            except Exception as e:  # noqa: BLE001 - no window observations, never break the engine
+                logger.warning("llmco2: no predicted step energy (%s: %s); counter windows are not "
+                               "calibration observations", type(e).__name__, e)
         self._costs = costs if ok else None
+        self._scale = scale
         self.predictor = predictor  # one reference swap: safe from another thread
 
     def weights(self, rows: Sequence[StepRow]) -> list[float]:
@@ -106,13 +146,15 @@ class EngineMeter:
         compute parts are None while rows are weighted by token counts (no predictor)."""
         if not rows:
             return [], None
-        return self._row_columns(rows)[2:]
+        return self._row_columns(rows)[2:4]
 
     def _row_columns(self, rows: Sequence[StepRow]) -> tuple:
-        """(request ids, is-prefill flags, row weights, their compute parts) of a step's rows."""
+        """(request ids, is-prefill flags, row weights, their compute parts, new tokens, contexts)
+        of a step's rows."""
         rid_col, phase_col, n_col, ctx_col = zip(*rows)
-        w, comp = self._weights_cols(np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64))
-        return rid_col, list(map(_PREFILL.__eq__, phase_col)), w, comp
+        n, ctx = np.array(n_col, dtype=np.float64), np.array(ctx_col, dtype=np.float64)
+        w, comp = self._weights_cols(n, ctx)
+        return rid_col, list(map(_PREFILL.__eq__, phase_col)), w, comp, n, ctx
 
     def _weights_cols(self, n: np.ndarray, ctx: np.ndarray) -> tuple[Any, Any]:
         costs = self._costs
@@ -180,9 +222,16 @@ class EngineMeter:
 
     def _record(self, item: list, read: bool) -> None:
         """Record one finished step (``[start, end, rows, rids, columns]``) in the attributor (under the lock)."""
-        rid_col, is_prefill, w, comp = self._columns(item)
+        if self._work_feed is not None:
+            self._work_feed(item[2])
+        rid_col, is_prefill, w, comp, n, ctx = self._columns(item)
+        scale = self._scale
+        predicted = None
+        if scale is not None and comp is not None:  # weights in seconds: priced in GNN joules
+            predicted = scale.step_j(is_prefill, w, n, ctx)
         self.attributor.record_step(item[0], item[1], rid_col, is_prefill, w, read=read,
-                                    work_s=comp is not None, compute_s=comp, now_s=item[1])
+                                    work_s=comp is not None, compute_s=comp, now_s=item[1],
+                                    predicted_j=predicted)
         if self._deferred:
             for rid in [r for r in self._deferred if r in item[3]]:
                 if not self._holds(rid):
@@ -266,7 +315,17 @@ class EngineMeter:
             with self._lock:
                 self.attributor.set_update_period(period)
                 self.min_read_interval_s = period / 10.0
+                if self._windows is not None and self._default_span:
+                    self._windows.min_span_s = self._span_for(period)
         return period
+
+    def pop_windows(self, max_n: int = MAX_PER_MESSAGE) -> list[WindowObservation]:
+        """Up to ``max_n`` merged counter-window observations, oldest first (runtime/windows.py)."""
+        agg = self._windows
+        if agg is None or not agg.out:
+            return []
+        with self._lock:
+            return agg.pop(max_n)
 
     def pop_final(self) -> list[MeasuredEnergy]:
         """Final values of finished requests since the last call (each request exactly once)."""

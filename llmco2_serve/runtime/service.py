@@ -47,6 +47,7 @@ from llmco2_serve.hardware.gpu_energy import EnergyReaderError, NvmlEnergyReader
 from llmco2_serve.workload.output_length import OutputLengthModel
 from llmco2_serve.runtime.settings import Settings
 from llmco2_serve.runtime import telemetry as tm
+from llmco2_serve.runtime.windows import observe_windows
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +394,9 @@ class EnergyService:
         if cal is not None:
             st = cal.state()
             err = st["error"]
-            pred += (f"; calibration {st['deployment']}: {st['observations']} observations, "
+            kinds = st["by_kind"]
+            pred += (f"; calibration {st['deployment']}: {st['observations']} observations "
+                     f"({kinds.get('window', 0)} counter windows, {kinds.get('request', 0)} requests), "
                      f"{'active' if st['active'] else 'not yet active'}, prefill x{st['prefill_factor']:.3g}, "
                      f"decode x{st['decode_factor']:.3g}"
                      + (f", median error {err['uncalibrated_median_abs_rel_error']:.0%} uncalibrated -> "
@@ -679,6 +682,12 @@ class EnergyService:
         books = msg.get("books")
         if isinstance(books, dict):
             self._take_books(books)
+        windows = msg.get("windows")
+        if windows and self.calibrator is not None:
+            # Merged counter windows (runtime/windows.py): measured busy energy vs the GNN's energy of
+            # the same steps; the calibrator refuses every source but nvml (and the test-only fake).
+            observe_windows(self.calibrator, windows)
+            self._maybe_save_calibration()
         n = 0
         for row in msg.get("finals") or ():
             n += 1

@@ -19,7 +19,7 @@ variable                                  meaning (default)
                                           (empty: the value above)
 ``LLMCO2_PUE``                            data-centre PUE, >= 1 (1.2)
 ``LLMCO2_LIFETIME_YEARS``                 hardware lifetime for embodied carbon, years (5)
-``LLMCO2_ENERGY_READER``                  auto | nvml | cpu-estimate | off | fake (test only) (auto)
+``LLMCO2_ENERGY_READER``                  auto | nvml | cpu-estimate | off | fake, fake-work (test only) (auto)
 ``LLMCO2_RESPONSE_HEADERS``               add ``x-llmco2-predicted-*`` HTTP headers (1)
 ``LLMCO2_PAIRS_PATH``                     JSONL of (prediction, NVML measurement) pairs for
                                           retraining; empty disables (~/.cache/llmco2/pairs.jsonl)
@@ -60,7 +60,8 @@ __all__ = ["Settings", "SettingsError", "load_settings", "ENERGY_READER_MODES", 
 
 PREFIX = "LLMCO2_"
 # "fake": TEST-ONLY counter with a CPU-time power model (gpu_energy.ProcessCpuFakeReader), source "fake"
-ENERGY_READER_MODES = ("auto", "nvml", "cpu-estimate", "fake", "off")
+# "fake-work": TEST-ONLY counter with a power model of the scheduled work (gpu_energy.WorkFakeReader), source "fake"
+ENERGY_READER_MODES = ("auto", "nvml", "cpu-estimate", "fake", "fake-work", "off")
 DEFAULT_PAIRS_PATH = os.path.join("~", ".cache", "llmco2", "pairs.jsonl")
 DEFAULT_MAX_TOKENS_CAP = 131072
 
@@ -93,7 +94,8 @@ class Settings:
     pairs_path: str | None = DEFAULT_PAIRS_PATH
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     calibration: bool = True
-    # TEST-ONLY fake counter's power model (LLMCO2_ENERGY_READER=fake): idle W, W per CPU-second
+    # TEST-ONLY fake counters' power model (LLMCO2_ENERGY_READER=fake): idle W, W per CPU-second
+    # (fake-work: W per modelled step second, gpu_energy.WorkFakeReader)
     fake_idle_w: float = 60.0
     fake_busy_w: float = 240.0
     profile: str = "vllm"
