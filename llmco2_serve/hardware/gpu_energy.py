@@ -870,20 +870,22 @@ class ProcessCpuFakeReader:
 
 class WorkFakeReader:
     """TEST-ONLY counter whose energy follows the work the engine scheduled
-    (``LLMCO2_ENERGY_READER=fake-work``), not the host's CPU time.
+    (``LLMCO2_ENERGY_READER=fake-work``), not the host's CPU time or wall-clock time.
 
     Why: :class:`ProcessCpuFakeReader` prices the engine process's CPU time, and vLLM's engine core
-    busy-waits (``sched_yield``) on the shared-memory queue while its worker computes a step: that
-    CPU time is about the step's wall time times the share of a core the process gets, so the same
-    requests measure differently when other processes load the machine. A GPU's counter depends on
-    the kernels it runs, not on the host's load; so does this one. Source ``"fake"``.
+    busy-waits (``sched_yield``) on the shared-memory queue while its worker process computes a step:
+    that CPU time is about the step's wall time times the share of a core the process gets, so the
+    same requests measure differently when other processes load the machine. A GPU's counter
+    depends on the kernels it runs, not on the host's load; so does this one. Source ``"fake"``.
 
-    Power model (its own, deliberately not the predictor's): ``idle_w`` all the time, plus per step
-    ``busy_w`` x (2 ms + 40 us per prefill token + 0.8 ms x decode rows ** 0.6) joules (a fixed step
-    cost, linear prefill, decode rows with a batch exponent the GNN does not have). The engine meter
-    hands it each step's rows when it records the step (:meth:`observe_step`, before the read that
-    closes the step's window); like NVML the integer mJ counter moves only at update instants
-    (``update_period_s`` with +-20 % jitter).
+    Power model (its own, deliberately not the predictor's): ``idle_w`` while no step runs; a step
+    costs ``busy_w`` x (2 ms + 40 us per prefill token + 0.8 ms x decode rows ** 0.6) joules whatever
+    its wall time (a fixed step cost, linear prefill, decode rows with a batch exponent the GNN does
+    not have). The engine meter hands it each step's rows and interval when it records the step
+    (:meth:`observe_step`, before the read that closes the step's window); the step's time is then
+    charged its modelled energy instead of idle power (overlapping intervals of async steps count
+    once). Like NVML the counter is the floor of the cumulative energy in mJ, moving only at update
+    instants (``update_period_s`` with +-20 % jitter), never backwards.
     """
 
     source = "fake"
@@ -901,27 +903,36 @@ class WorkFakeReader:
         self.update_period_s = float(update_period_s)
         self._clock = clock
         self._rng = random.Random(seed)
-        self._t_update = float(clock())
-        self._pending_j = 0.0
-        self.work_energy_j = 0.0  # ground truth: dynamic energy of every observed step
+        self._t0 = float(clock())
+        self._steps_j = 0.0  # modelled energy of the observed steps minus idle power over their time
+        self._busy_until = -math.inf
+        self.work_energy_j = 0.0  # ground truth: modelled energy of every observed step
+        self.busy_s = 0.0  # their time (union of intervals)
         self._mj = 0
-        self._next = self._t_update + self._period()
+        self._next = self._t0 + self._period()
 
     def _period(self) -> float:
         return self.update_period_s * self._rng.uniform(0.8, 1.2)
 
     def step_energy_j(self, rows: Sequence[tuple[Any, str, int, int]]) -> float:
-        """Dynamic energy of one step: rows are (request id, "prefill"|"decode", tokens, context)."""
+        """Modelled energy of one step: rows are (request id, "prefill"|"decode", tokens, context)."""
         prefill = sum(r[2] for r in rows if r[1] == "prefill")
         decode = sum(1 for r in rows if r[1] != "prefill")
         return self.busy_w * (self.STEP_S + self.PREFILL_TOKEN_S * prefill
                               + self.DECODE_ROWS_S * decode ** self.DECODE_ROWS_EXPONENT)
 
-    def observe_step(self, rows: Sequence[tuple[Any, str, int, int]]) -> None:
-        if rows:
-            e = self.step_energy_j(rows)
-            self._pending_j += e
-            self.work_energy_j += e
+    def observe_step(self, rows: Sequence[tuple[Any, str, int, int]], start_s: float, end_s: float) -> None:
+        if not rows:
+            return
+        e = self.step_energy_j(rows)
+        covered = end_s - max(start_s, self._busy_until)
+        if covered < 0.0:
+            covered = 0.0
+        if end_s > self._busy_until:
+            self._busy_until = end_s
+        self.work_energy_j += e
+        self.busy_s += covered
+        self._steps_j += e - self.idle_w * covered
 
     def device_names(self) -> list[str]:
         return ["fake:0 work-power-model"]
@@ -932,9 +943,9 @@ class WorkFakeReader:
             while self._next <= t:  # the latest update instant at or before t
                 last = self._next
                 self._next += self._period()
-            energy_j = self.idle_w * (last - self._t_update) + self._pending_j
-            self._mj += int(round(energy_j * 1000.0))
-            self._t_update, self._pending_j = last, 0.0
+            mj = int((self.idle_w * (last - self._t0) + self._steps_j) * 1000.0)
+            if mj > self._mj:
+                self._mj = mj
         return [self._mj]
 
     def close(self) -> None:

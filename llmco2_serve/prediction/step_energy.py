@@ -155,12 +155,14 @@ class StepEnergyScale:
         if True not in is_prefill:
             return 0.0, float(weights.sum()) * math.exp(self._d(rows, float(context.mean())))
         pre = [i for i, p in enumerate(is_prefill) if p]
-        prefill_j = 0.0
+        prefill_j = w_p = ctx_p = 0.0
         for i in pre:
-            prefill_j += float(weights[i]) * math.exp(self._p(rows, float(context[i] + n_tokens[i])))
-        if len(pre) == rows:
+            wi, ci = float(weights[i]), float(context[i])
+            w_p += wi
+            ctx_p += ci
+            prefill_j += wi * math.exp(self._p(rows, ci + float(n_tokens[i])))
+        n_d = rows - len(pre)
+        if not n_d:
             return prefill_j, 0.0
-        mask = np.ones(rows, dtype=bool)
-        mask[pre] = False
-        w_d = float(weights[mask].sum())
-        return prefill_j, w_d * math.exp(self._d(rows, float(context[mask].mean())))
+        w_d = float(weights.sum()) - w_p
+        return prefill_j, w_d * math.exp(self._d(rows, (float(context.sum()) - ctx_p) / n_d))

@@ -74,7 +74,8 @@ class EngineMeter:
         self._scale: Any = None  # StepEnergyScale once a predictor is set
         # TEST-ONLY counters whose energy follows the scheduled work (gpu_energy.WorkFakeReader) are
         # told each step's rows when it is recorded, before the read that closes its window.
-        self._work_feed: Callable[[Sequence[StepRow]], None] | None = getattr(reader, "observe_step", None)
+        self._work_feed: Callable[[Sequence[StepRow], float, float], None] | None = getattr(
+            reader, "observe_step", None)
         # Reads closer together than this add no information (the counter moves once per
         # update period) but cost one NVML call per GPU: rate-limit them on the step path.
         period = float(getattr(reader, "update_period_s", 0.0) or 0.0)
@@ -223,7 +224,7 @@ class EngineMeter:
     def _record(self, item: list, read: bool) -> None:
         """Record one finished step (``[start, end, rows, rids, columns]``) in the attributor (under the lock)."""
         if self._work_feed is not None:
-            self._work_feed(item[2])
+            self._work_feed(item[2], item[0], item[1])
         rid_col, is_prefill, w, comp, n, ctx = self._columns(item)
         scale = self._scale
         predicted = None
