@@ -769,9 +769,16 @@ class EnergyService:
             total_j = pre + dec
             u_total = unc if unc is not None and unc == unc else None
             share_pre = pre / total_j if total_j > 0 else 0.5
+            # The calibrator corrects the energy model, not the output-length estimate (learnt by
+            # output_lengths): the decode part is compared at the tokens the request really generated
+            # (the table's per-step decode energy x its decode steps), as counter windows compare the
+            # steps that really ran; else its factor would absorb each request's length error.
+            pred_dec = pred.uncalibrated_decode_energy_j
+            if gen is not None and gen >= 1 and pred.gen_tokens > 1:
+                pred_dec *= (gen - 1) / (pred.gen_tokens - 1)
             cal.observe_request(
                 predicted_prefill_j=pred.uncalibrated_prefill_energy_j,
-                predicted_decode_j=pred.uncalibrated_decode_energy_j, measured_prefill_j=pre,
+                predicted_decode_j=pred_dec, measured_prefill_j=pre,
                 measured_decode_j=dec, batch=mean_batch or pred.batch, source=str(source),
                 uncertainty_j=u_total,
                 prefill_uncertainty_j=u_total * share_pre if u_total is not None else None,
