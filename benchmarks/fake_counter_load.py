@@ -49,6 +49,22 @@ def _requests(base: str, n: int, tag: int, max_tokens: int) -> list[str]:
     return ids
 
 
+def _cpu_s(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each process of the server tree, by process name."""
+    import psutil
+
+    out: dict[str, float] = {}
+    root = psutil.Process(root_pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            name = p.name()
+        except psutil.Error:
+            continue
+        out[name] = out.get(name, 0.0) + t.user + t.system
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reader", choices=("fake", "fake-work"), default="fake")
@@ -63,15 +79,19 @@ def main(argv=None) -> int:
                "LLMCO2_FAKE_BUSY_W": args.busy_w, "LLMCO2_PAIRS_PATH": "", "LLMCO2_CALIBRATION": "0"}
         with PluginServer(Path(tmp), env) as srv:
             _requests(srv.base_url, 3, 0xA, args.max_tokens)  # warm-up
+            pid = srv.process.pid
+            c0 = _cpu_s(pid)
             t0 = time.monotonic()
             quiet = _requests(srv.base_url, args.n, 0xB, args.max_tokens)
             quiet_s = (time.monotonic() - t0) / args.n
+            c1 = _cpu_s(pid)
             burners = [subprocess.Popen([sys.executable, "-c", _SPIN.format(s=600)])
                        for _ in range(args.burners)]
             try:
                 t0 = time.monotonic()
                 loaded = _requests(srv.base_url, args.n, 0xC, args.max_tokens)
                 loaded_s = (time.monotonic() - t0) / args.n
+                c2 = _cpu_s(pid)
             finally:
                 for p in burners:
                     p.kill()
@@ -89,6 +109,10 @@ def main(argv=None) -> int:
           f"{quiet_s:.2f} s each (load average {os.getloadavg()[0]:.1f} at the end): median {mq:.4f} J "
           f"(range {min(e_quiet):.4f}-{max(e_quiet):.4f}); with {args.burners} CPU burners {loaded_s:.2f} s each: "
           f"median {ml:.4f} J (range {min(e_loaded):.4f}-{max(e_loaded):.4f}); loaded / quiet = {ml / mq:.3f}")
+    for name in sorted(c2):
+        q = (c1.get(name, 0.0) - c0.get(name, 0.0)) / args.n
+        lo = (c2.get(name, 0.0) - c1.get(name, 0.0)) / args.n
+        print(f"  CPU s per request (incl. its 0.3 s pause), process {name}: quiet {q:.3f}, loaded {lo:.3f}")
     return 0
 
 

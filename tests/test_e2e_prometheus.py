@@ -217,7 +217,10 @@ def test_books_close_and_gauges_say_the_settings(run):
     assert [float(s["value"][1]) for s in intensity] == [INTENSITY_G_PER_KWH], intensity
     assert intensity[0]["metric"]["model_name"] == MODEL and intensity[0]["metric"]["source"]
     obs = prom.value("llmco2_calibration_observations")
-    assert obs is not None and 1 <= obs <= N_REQUESTS
+    requests = prom.value('llmco2_calibration_observations_by_kind{kind="request"}')
+    windows = prom.value('llmco2_calibration_observations_by_kind{kind="window"}')
+    assert obs is not None and requests is not None and 1 <= requests <= N_REQUESTS
+    assert obs == requests + (windows or 0)  # counter windows are observations too (runtime/windows.py)
     assert {s["metric"]["phase"] for s in prom.query("llmco2_calibration_factor_ratio")} == {"prefill", "decode"}
     failures = prom.query("llmco2_plugin_failures_total")
     assert "output_processor.add_request" in {s["metric"]["patch"] for s in failures}
