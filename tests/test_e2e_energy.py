@@ -38,7 +38,7 @@ vllm = pytest.importorskip("vllm")
 START_TIMEOUT_S = 240
 IDLE_W, BUSY_W = "0.1", "0.5"
 N_CALIBRATION = 25
-CALIBRATION_TOKENS = 256  # long enough (~1 s here) for a request to span more than one merged counter window
+CALIBRATION_TOKENS = 440  # long enough (~1 s here) for a request to span about two merged counter windows
 N_REQUESTS = 96
 CONCURRENCY = 64
 
