@@ -8,7 +8,8 @@ not used: the final values come from the exported spans) of both halves and thei
 ``fake`` prices the engine-core process's CPU time. vLLM's engine core busy-waits
 (``sched_yield``, ``shm_broadcast.MessageQueue``, 1 s after each read) for its worker process, which
 runs the model and is not counted, so that CPU time is about a step's wall time times the share of a
-core the engine process gets: load moves it. ``fake-work`` prices the work vLLM scheduled and
+core the engine process gets, and the spin spills into the pauses between requests: what a request
+measures depends on timing and on what else the cores run. ``fake-work`` prices the work vLLM scheduled and
 should not move (a step costs its modelled work whatever its wall time).
 
 Run: ``python benchmarks/fake_counter_load.py --reader fake`` and ``--reader fake-work``
