@@ -67,7 +67,12 @@ class EngineMeter:
         # at least 5 counter periods (boundary error sqrt(2) / 5 = 28 %, windows.py).
         self._windows = None
         self._default_span = window_min_span_s is None
-        if self._default_span or window_min_span_s >= 0:
+        # Only a real measurement teaches the calibrator (it refuses estimates such as cpu-estimate):
+        # with any other source no window is collected, priced or sent.
+        from llmco2_serve.prediction.calibration import MEASURED_SOURCES
+
+        measures = getattr(reader, "source", None) in MEASURED_SOURCES
+        if measures and (self._default_span or window_min_span_s >= 0):
             self._windows = self.attributor.collect_windows(
                 min_span_s=self._span_for(float(getattr(reader, "update_period_s", 0.0) or 0.0))
                 if self._default_span else window_min_span_s)
