@@ -42,7 +42,11 @@ def ensure_service(vllm_config: Any) -> EnergyService | None:
             st.otel = configure_otel(None if standard is not None else settings.otlp_metrics_endpoint,
                                      metrics_endpoint=standard)
             metrics = EnergyMetrics(st.otel.meter)
-        svc = EnergyService(settings, model_info(vllm_config), metrics=metrics)
+        # The prediction table is built now, before vLLM accepts requests (1.5 s for Llama-3.1-8B
+        # on 2 CPUs): built in the background it competed for the GIL with the first minute of
+        # traffic, which was meanwhile predicted by the GNN itself (0.3 ms each): a server 10-25 %
+        # slower until it was done (benchmarks/serving_overhead.py, fresh servers).
+        svc = EnergyService(settings, model_info(vllm_config), metrics=metrics, prediction_table="now")
         if svc.error is not None and not settings.fail_open:
             raise RuntimeError(f"llmco2 (LLMCO2_FAIL_OPEN=0): {svc.error}")
         st.service = svc

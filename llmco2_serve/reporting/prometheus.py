@@ -184,11 +184,22 @@ class PrometheusMetrics:
         self._intensity_labels: tuple[str, str] | None = None
         self._state_at = -math.inf
         self._touched: set[str] = set()
+        self._children: dict[tuple[str, ...], Any] = {}  # (series, *label values) -> child (_child)
+
+    def _child(self, name: str, labels: dict[str, str]) -> Any:
+        # A series' child object, cached by its label values (every call site passes its labels in
+        # one fixed order): prometheus_client's labels() takes a lock and validates each time,
+        # several microseconds per call, and a finished request updates half a dozen series.
+        key = (name, *labels.values())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._m[name].labels(**labels)
+        return child
 
     def _add(self, spec: MetricSpec, value: Any, **labels: str) -> None:
         v = _finite_non_negative(value)
         if v is not None:
-            self._m[spec.name].labels(**labels).inc(v)
+            self._child(spec.name, labels).inc(v)
 
     # ------------------------------------------------------------------ per request (sums)
     def record_predicted(self, *, model: str, requests: int, prefill_energy_j: float, decode_energy_j: float,
@@ -208,11 +219,11 @@ class PrometheusMetrics:
         self._add(ENERGY, decode_energy_j, model_name=model, kind="measured", phase="decode")
         self._add(CO2, operational_co2_g, model_name=model, kind="measured", scope="operational")
         self._add(REQUESTS, 1, model_name=model, kind="measured")
-        hist = self._m[RELATIVE_ERROR.name]
         for phase, err in (relative_errors or {}).items():
             if isinstance(err, (int, float)) and math.isfinite(err):
                 direction = "over" if err > 0 else "under" if err < 0 else "exact"
-                hist.labels(model_name=model, phase=phase, direction=direction).observe(abs(err))
+                self._child(RELATIVE_ERROR.name,
+                            {"model_name": model, "phase": phase, "direction": direction}).observe(abs(err))
 
     def record_gpu_energy(self, *, model: str, gpu: str, kind: str, energy_j: float) -> None:
         """A delta of the engines' books: ``kind`` total | idle | unreported (``gpu`` ignored for
