@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--out", type=Path, default=Path("llmco2-profile"))
     p.add_argument("--raw", type=Path, default=None, help="keep py-spy's raw samples here")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra server environment, e.g. LLMCO2_ENERGY_READER=fake-work (the measured path)")
     args = p.parse_args(argv)
     if shutil.which("py-spy") is None:
         p.error("py-spy is not installed: pip install py-spy")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     vocabulary = usable_token_ids(model_dir)
     raw = args.raw or args.out / f"py-spy-{args.plugin}-{args.max_tokens}.txt"
     env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(args.plugin == "on"),
-           "LLMCO2_PAIRS_PATH": ""}
+           "LLMCO2_PAIRS_PATH": "", **dict(kv.split("=", 1) for kv in args.env)}
     with serverctl.VllmServer(model_dir, env=env, log_path=args.out / f"vllm-{args.plugin}.log",
                               extra_args=serverctl.default_engine_args(max_model_len=args.max_model_len, cpu=cpu)) as srv:
         name = srv.served_model()
