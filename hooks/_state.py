@@ -35,38 +35,26 @@ _STATE: ProcessState | None = None
 
 
 def _forked() -> None:
-    # os.register_at_fork: a forked child rebuilds its state on first use (see state()).
-    global _CURRENT
-    _CURRENT = None
+    # os.register_at_fork, in the child: a fresh state that keeps only the settings and the on/off
+    # decision (not the parent's service, NVML handles or open files).
+    global _STATE
+    inherited = _STATE
+    if inherited is not None:
+        _STATE = ProcessState(os.getpid(), settings=inherited.settings, settings_error=inherited.settings_error,
+                              active=inherited.active, inactive_reason=inherited.inactive_reason)
 
 
-_CURRENT: ProcessState | None = None  # this process's state, once checked; None after a fork
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
+os.register_at_fork(after_in_child=_forked)
 
 
 def state() -> ProcessState:
-    # Called several times per request: after the first call in a process it is two global reads
-    # (a fork clears _CURRENT, so the pid check runs again in the child; tests that reset _STATE
-    # to simulate a fresh process get one too).
-    current = _CURRENT
-    if current is not None and current is _STATE:
-        return current
-    return _state_checked()
-
-
-def _state_checked() -> ProcessState:
-    global _STATE, _CURRENT
-    pid = os.getpid()
-    if _STATE is None or _STATE.pid != pid:
-        inherited = _STATE
-        _STATE = ProcessState(pid)
-        if inherited is not None:  # forked: settings and the on/off decision carry over
-            _STATE.settings, _STATE.settings_error = inherited.settings, inherited.settings_error
-            _STATE.active, _STATE.inactive_reason = inherited.active, inherited.inactive_reason
-    if hasattr(os, "register_at_fork"):  # without the fork hook every call checks the pid
-        _CURRENT = _STATE
-    return _STATE
+    # Called several times per request: one global read once the state exists (a fork replaces
+    # it in the child through _forked; tests reset _STATE to simulate a fresh process).
+    global _STATE
+    st = _STATE
+    if st is None:
+        st = _STATE = ProcessState(os.getpid())
+    return st
 
 
 def settings() -> Settings | None:

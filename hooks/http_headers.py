@@ -68,7 +68,7 @@ class PredictionHolder:
     the sum of their measured first answers."""
 
     __slots__ = ("n", "energy_j", "co2_g", "energy_j_upper", "gen_tokens", "prompts", "_running",
-                 "sequences", "m_n", "m_energy_j", "m_co2_g", "m_estimated_j", "m_uncertainty_j",
+                 "m_n", "m_energy_j", "m_co2_g", "m_estimated_j", "m_uncertainty_j",
                  "m_missing", "m_final", "m_sources", "request_ids")
 
     def __init__(self) -> None:
@@ -77,13 +77,16 @@ class PredictionHolder:
         self.gen_tokens = 0
         self.prompts = 1  # prompts of a multi-prompt completion (merge_async_iterators patch)
         self._running: int | None = None
-        self.sequences = 0  # sequences registered for a measurement (track())
-        self.request_ids: list[str] = []  # ... their request ids (untrack() when the response is done)
+        self.request_ids: list[str] = []  # sequences registered for a measurement (track(); untrack())
         self.m_n = 0  # ... of which a first answer arrived
         self.m_energy_j = self.m_co2_g = self.m_estimated_j = self.m_uncertainty_j = 0.0
         self.m_missing = 0  # first answers without an energy (pending, unavailable)
         self.m_final = True
         self.m_sources: list[str] = []
+
+    @property
+    def sequences(self) -> int:
+        return len(self.request_ids)
 
     def add_measured(self, attrs: dict) -> None:
         """One sequence's span attributes (its first answer)."""
@@ -186,7 +189,6 @@ _BY_REQUEST: dict[str, PredictionHolder] = {}
 def track(request_id: str, holder: PredictionHolder) -> None:
     """Register one sequence of ``holder``'s response for its measurement."""
     if request_id not in _BY_REQUEST:
-        holder.sequences += 1
         holder.request_ids.append(request_id)
         _BY_REQUEST[request_id] = holder
 
@@ -240,7 +242,7 @@ class LLMCO2HeadersMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             _HOLDER.reset(token)
-            if holder.sequences:
+            if holder.request_ids:
                 untrack(holder)
 
 

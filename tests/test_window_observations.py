@@ -238,7 +238,6 @@ def test_step_predictions_add_up_to_the_request_prediction(config, gpu):
     """The engine's per-step GNN joules, summed over a request's steps, against the API server's
     prediction for the same shape and batch (the GNN's batch energy / b): the calibrator corrects
     the latter with what it learns from the former."""
-    from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock
     from llmco2_serve.prediction.predictor import Predictor
     from llmco2_serve.runtime.engine_meter import EngineMeter
 
@@ -315,7 +314,7 @@ def test_the_engine_meter_sends_windows_priced_in_gnn_joules_once_its_predictor_
 def test_a_source_that_does_not_measure_collects_no_windows():
     # The calibrator refuses estimates (cpu-estimate) and "unavailable": the engine must not spend
     # poller time pricing windows nobody may learn from, nor send them (issue 7: only real measurements).
-    from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
+    from llmco2_serve.hardware.gpu_energy import NullEnergyReader
     from llmco2_serve.prediction.predictor import Predictor
     from llmco2_serve.runtime.engine_meter import EngineMeter
 

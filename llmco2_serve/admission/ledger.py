@@ -254,6 +254,9 @@ class BudgetLedger:
         if self._writer is not None:
             self._writer.join(timeout=5.0)
         self.flush()
+        self._close_db()
+
+    def _close_db(self) -> None:
         if self._db is not None:
             try:
                 self._db.close()
@@ -785,12 +788,7 @@ class SharedBudgetLedger(BudgetLedger):
     def close(self) -> None:
         self._closed.set()
         with self._txn_lock:
-            if self._db is not None:
-                try:
-                    self._db.close()
-                except sqlite3.Error:
-                    pass
-                self._db = None
+            self._close_db()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1

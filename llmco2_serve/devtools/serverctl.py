@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -359,15 +359,18 @@ class ServerProcess:
             raise RuntimeError("ServerProcess is not started")
         if not Path("/proc").is_dir():
             raise RuntimeError("cpu_time_s needs /proc (Linux)")
-        ticks = 0
+        return sum(ticks for _, ticks in self._cpu_ticks(names=False)) / os.sysconf("SC_CLK_TCK")
+
+    def _cpu_ticks(self, names: bool) -> Iterator[tuple[str, int]]:
+        """(``/proc/PID/comm`` or "", utime + stime in clock ticks) of each live process of the group."""
         for pid in _group_members(self._proc.pid):
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
+                name = Path(f"/proc/{pid}/comm").read_text().strip() if names else ""
             except OSError:  # exited while we looked
                 continue
             fields = stat[stat.rfind(")") + 2 :].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-        return ticks / os.sysconf("SC_CLK_TCK")
+            yield name, int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
 
     def cpu_time_by_process(self) -> dict[str, float]:
         """User + system CPU seconds per process name (``/proc/PID/comm``, e.g. vLLM's
@@ -377,14 +380,8 @@ class ServerProcess:
             raise RuntimeError("ServerProcess is not started")
         out: dict[str, float] = {}
         tck = os.sysconf("SC_CLK_TCK")
-        for pid in _group_members(self._proc.pid):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                name = Path(f"/proc/{pid}/comm").read_text().strip()
-            except OSError:  # exited while we looked
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tck
+        for name, ticks in self._cpu_ticks(names=True):
+            out[name] = out.get(name, 0.0) + ticks / tck
         return out
 
     def pin_processes(self, api_cpus: set[int], engine_cpus: set[int]) -> dict[str, list[int]]:

@@ -813,7 +813,46 @@ def _process_tree_pids() -> set[int]:
     return own
 
 
-class ProcessCpuFakeReader:
+class _UpdateInstantCounter:
+    """What the TEST-ONLY counters share with NVML's: source ``"fake"``, one device, an integer mJ
+    counter that moves only at update instants ``update_period_s`` apart (+-20 % jitter). A
+    subclass says what energy has accumulated up to an update instant (:meth:`_energy_mj_at`)."""
+
+    source = "fake"
+
+    def __init__(self, idle_w: float, busy_w: float, update_period_s: float, clock: Callable[[], float],
+                 seed: int) -> None:
+        import random
+
+        self.idle_w = float(idle_w)
+        self.busy_w = float(busy_w)
+        self.update_period_s = float(update_period_s)
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._t0 = float(clock())
+        self._mj = 0
+        self._next = self._t0 + self._period()
+
+    def _period(self) -> float:
+        return self.update_period_s * self._rng.uniform(0.8, 1.2)
+
+    def _energy_mj_at(self, last_update_s: float) -> None:
+        raise NotImplementedError
+
+    def energy_mj(self) -> list[int]:
+        t = float(self._clock())
+        if t >= self._next:
+            while self._next <= t:  # the latest update instant at or before t
+                last = self._next
+                self._next += self._period()
+            self._energy_mj_at(last)
+        return [self._mj]
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessCpuFakeReader(_UpdateInstantCounter):
     """TEST-ONLY counter for end-to-end runs without a GPU (``LLMCO2_ENERGY_READER=fake``).
 
     Source ``"fake"``, never ``"nvml"``. Its power model is a ground truth of its own, unrelated
@@ -822,24 +861,11 @@ class ProcessCpuFakeReader:
     (``update_period_s`` with +-20% jitter, so reads between two updates see the same value).
     """
 
-    source = "fake"
-
     def __init__(self, idle_w: float = 60.0, busy_w: float = 240.0, update_period_s: float = 0.05,
                  clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
-        import random
-
-        self.idle_w = float(idle_w)
-        self.busy_w = float(busy_w)
-        self.update_period_s = float(update_period_s)
-        self._clock = clock
-        self._rng = random.Random(seed)
-        self._t_update = float(clock())
+        super().__init__(idle_w, busy_w, update_period_s, clock, seed)
+        self._t_update = self._t0
         self._cpu_s = self._process_cpu_s()
-        self._mj = 0
-        self._next = self._t_update + self._period()
-
-    def _period(self) -> float:
-        return self.update_period_s * self._rng.uniform(0.8, 1.2)
 
     @staticmethod
     def _process_cpu_s() -> float:
@@ -849,26 +875,17 @@ class ProcessCpuFakeReader:
     def device_names(self) -> list[str]:
         return ["fake:0 cpu-power-model"]
 
-    def energy_mj(self) -> list[int]:
-        t = float(self._clock())
-        if t >= self._next:
-            while self._next <= t:  # the latest update instant at or before t
-                last = self._next
-                self._next += self._period()
-            cpu = self._process_cpu_s()
-            energy_j = self.idle_w * (last - self._t_update) + self.busy_w * max(0.0, cpu - self._cpu_s)
-            self._mj += int(round(energy_j * 1000.0))
-            self._t_update, self._cpu_s = last, cpu
-        return [self._mj]
-
-    def close(self) -> None:
-        pass
+    def _energy_mj_at(self, last_update_s: float) -> None:
+        cpu = self._process_cpu_s()
+        energy_j = self.idle_w * (last_update_s - self._t_update) + self.busy_w * max(0.0, cpu - self._cpu_s)
+        self._mj += int(round(energy_j * 1000.0))
+        self._t_update, self._cpu_s = last_update_s, cpu
 
     def __repr__(self) -> str:
         return f"ProcessCpuFakeReader(idle {self.idle_w} W, {self.busy_w} W per CPU, {self.update_period_s} s)"
 
 
-class WorkFakeReader:
+class WorkFakeReader(_UpdateInstantCounter):
     """TEST-ONLY counter whose energy follows the work the engine scheduled
     (``LLMCO2_ENERGY_READER=fake-work``), not the host's CPU time or wall-clock time.
 
@@ -888,7 +905,6 @@ class WorkFakeReader:
     instants (``update_period_s`` with +-20 % jitter), never backwards.
     """
 
-    source = "fake"
     STEP_S = 2e-3
     PREFILL_TOKEN_S = 40e-6
     DECODE_ROWS_S = 0.8e-3
@@ -896,23 +912,11 @@ class WorkFakeReader:
 
     def __init__(self, idle_w: float = 60.0, busy_w: float = 240.0, update_period_s: float = 0.05,
                  clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
-        import random
-
-        self.idle_w = float(idle_w)
-        self.busy_w = float(busy_w)
-        self.update_period_s = float(update_period_s)
-        self._clock = clock
-        self._rng = random.Random(seed)
-        self._t0 = float(clock())
+        super().__init__(idle_w, busy_w, update_period_s, clock, seed)
         self._steps_j = 0.0  # modelled energy of the observed steps minus idle power over their time
         self._busy_until = -math.inf
         self.work_energy_j = 0.0  # ground truth: modelled energy of every observed step
         self.busy_s = 0.0  # their time (union of intervals)
-        self._mj = 0
-        self._next = self._t0 + self._period()
-
-    def _period(self) -> float:
-        return self.update_period_s * self._rng.uniform(0.8, 1.2)
 
     def step_energy_j(self, rows: Sequence[tuple[Any, str, int, int]]) -> float:
         """Modelled energy of one step: rows are (request id, "prefill"|"decode", tokens, context)."""
@@ -937,19 +941,10 @@ class WorkFakeReader:
     def device_names(self) -> list[str]:
         return ["fake:0 work-power-model"]
 
-    def energy_mj(self) -> list[int]:
-        t = float(self._clock())
-        if t >= self._next:
-            while self._next <= t:  # the latest update instant at or before t
-                last = self._next
-                self._next += self._period()
-            mj = int((self.idle_w * (last - self._t0) + self._steps_j) * 1000.0)
-            if mj > self._mj:
-                self._mj = mj
-        return [self._mj]
-
-    def close(self) -> None:
-        pass
+    def _energy_mj_at(self, last_update_s: float) -> None:
+        mj = int((self.idle_w * (last_update_s - self._t0) + self._steps_j) * 1000.0)
+        if mj > self._mj:  # never backwards (a step charged after its interval)
+            self._mj = mj
 
     def __repr__(self) -> str:
         return f"WorkFakeReader(idle {self.idle_w} W, busy {self.busy_w} W x modelled step seconds)"

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from llmco2_serve.prediction.calibration import MEASURED_SOURCES
 from llmco2_serve.runtime.attribution import EnergyAttributor, MeasuredEnergy
 from llmco2_serve.hardware.gpu_energy import EnergyReader, measure_update_period_s
 from llmco2_serve.runtime.windows import MAX_PER_MESSAGE, MIN_SPAN_S, WindowObservation
@@ -69,8 +70,6 @@ class EngineMeter:
         self._default_span = window_min_span_s is None
         # Only a real measurement teaches the calibrator (it refuses estimates such as cpu-estimate):
         # with any other source no window is collected, priced or sent.
-        from llmco2_serve.prediction.calibration import MEASURED_SOURCES
-
         measures = getattr(reader, "source", None) in MEASURED_SOURCES
         if measures and (self._default_span or window_min_span_s >= 0):
             self._windows = self.attributor.collect_windows(

@@ -601,9 +601,9 @@ class EnergyService:
             early = self._early_finals.pop(request_id, None)
         if early is not None:
             self._take_final(early)
+        if pred is not None and gen_tokens is not None and gen_tokens >= 0:
+            self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
         if not span:
-            if pred is not None and gen_tokens is not None and gen_tokens >= 0:
-                self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
             return self._measured_attributes(request_id, measured, {})
         attrs: dict[str, tm.AttributeValue] = tm.context_attributes(
             gpu=self.gpu_label, n_gpu=self.model.n_gpu, gpu_source=self.gpu_source,
@@ -629,8 +629,6 @@ class EnergyService:
                 pred.uncalibrated_prefill_energy_j + pred.uncalibrated_decode_energy_j)
             if self.calibrator is not None:
                 attrs["llmco2.calibration.observations"] = self.calibrator.observations
-            if gen_tokens is not None and gen_tokens >= 0:
-                self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
         elif self.error is None and self.predictor is not None:
             attrs[ERROR_ATTRIBUTE] = "no prediction recorded for this request"
         return self._measured_attributes(request_id, measured, attrs)
