@@ -89,6 +89,11 @@ def enabled(tmp_path_factory):
     out: dict = {}
     with PluginServer(tmp, _ENV, max_num_seqs=8, ready_timeout_s=START_TIMEOUT_S) as srv:
         time.sleep(1.0)  # the idle poller's first reads: the engine's books say it measures
+        # One request before the cases, then more than a counter period (~0.1 s): until a window
+        # with work closes, the engine has no J per unit of work and an open-window first answer
+        # carries no energy (tests/test_e2e_log_stats.py checks that cold start).
+        _post(srv.base_url, "/v1/completions", dict(_PLAIN), 0xE2E0FF)
+        time.sleep(0.5)
         for i, (name, path, body, seqs) in enumerate(_CASES + _STREAM_CASES):
             headers, raw, trace_id = _post(srv.base_url, path, body, 0xE2E000 + i)
             out[name] = {"headers": headers, "body": raw, "spans": _spans(srv.receiver, trace_id, seqs)}

@@ -107,6 +107,14 @@ def load(server):
         with sem:
             _one(server["base"], i, kinds[i % len(kinds)], out)
 
+    # One request first, then more than a counter period: a cold engine's first answers carry no
+    # energy until a window with work closed (they say pending; tests/test_e2e_log_stats.py).
+    warm = urllib.request.Request(server["base"] + "/v1/completions", method="POST",
+                                  headers={"Content-Type": "application/json"},
+                                  data=json.dumps({"model": "tiny-llama", "prompt": "warm", "max_tokens": 4}).encode())
+    with urllib.request.urlopen(warm, timeout=120) as r:
+        r.read()
+    time.sleep(0.5)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(N_REQUESTS)]
     for t in threads:
         t.start()

@@ -69,9 +69,19 @@ def test_disable_log_stats_stays_off_and_the_plugin_still_predicts_and_measures(
     assert f"llmco2: {N_REQUESTS} predictions" in log
     assert 'llmco2_energy_joules_total{kind="predicted"' in metrics
     assert len(rows) == N_REQUESTS, rows
+    seen_energy = False
     for h, row in zip(headers, rows):
         assert float(h["x-llmco2-predicted-energy-j"]) == pytest.approx(row["predicted_energy_j"], rel=1e-5)
-        assert row["measured_source"] == "fake" and h["x-llmco2-measured-source"] == "fake"
+        assert row["measured_source"] == "fake"
+        if h["x-llmco2-measured-source"] == "pending":
+            # No counter window with work had closed yet (the engine's J per unit of work unknown):
+            # no number rather than a guess, and only before the first window closes; the final
+            # value still reached the pairs file.
+            assert not seen_energy and h["x-llmco2-measured-final"] == "false", h
+            assert "x-llmco2-measured-energy-j" not in h and row["request_energy_j"] > 0
+            continue
+        assert h["x-llmco2-measured-source"] == "fake", h
+        seen_energy = True
         if h["x-llmco2-measured-final"] == "true":  # the first answer was already the final value
             assert float(h["x-llmco2-measured-energy-j"]) == pytest.approx(row["request_energy_j"], rel=1e-6)
         else:  # an open-window estimate: same order of magnitude as the final value

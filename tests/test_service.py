@@ -16,6 +16,7 @@ import pytest
 from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
 from llmco2_serve.workload.output_length import OutputLengthModel, OutputPrior
 from llmco2_serve.prediction.records import parse_record
+from llmco2_serve.runtime.attribution import EnergyAttributor, ScheduledWork
 from llmco2_serve.runtime.service import (
     ERROR_ATTRIBUTE, EnergyService, EngineMeter, ModelInfo, decode_measured, encode_measured, make_predictor,
 )
@@ -540,6 +541,34 @@ def test_a_span_that_said_pending_gets_its_final_value_through_the_late_hook(pre
     a = got[0][1]
     assert a["llmco2.measured.energy_j"] == pytest.approx(0.75) and a["llmco2.measured.final"] is True
     assert a["llmco2.measured.source"] == "nvml"
+    svc.close()
+
+
+def test_a_cold_engine_first_answer_without_energy_says_pending_and_gets_its_final_value(predictor, tmp_path):
+    """Before the engine's first counter window with work closes, its open-window estimate has no
+    J per unit of work: the first answer comes as source fake/nvml with null energies (what
+    AttributionEngine._result gives with k unknown). The span must not say "fake" without a number:
+    it says pending, and the final value follows through the late hook (end to end:
+    tests/test_e2e_log_stats.py)."""
+    svc = service(predictor, tmp_path)
+    got = []
+    svc.late_measurement_hook = lambda rid, attrs: got.append((rid, attrs))
+    svc.on_request("cold", 20, 10, 0)
+    # the engine side: the first request of a cold engine finishes inside the counter's first period
+    clock = ManualClock(0.0)
+    att = EnergyAttributor(FakeEnergyReader([300.0], clock=clock, update_period_s=0.1), clock=clock)
+    for i in range(5):
+        clock.set(0.01 * (i + 1))
+        att.on_step(0.01 * i, 0.01 * (i + 1), [ScheduledWork("cold", "prefill" if i == 0 else "decode",
+                                                             20 if i == 0 else 1, 20 + i, 1.0)])
+    engine_first = att.on_finished("cold")
+    assert engine_first.source == "fake" and not engine_first.final and engine_first.energy_j != engine_first.energy_j
+    a = svc.on_finished("cold", 10, decode_measured(encode_measured(engine_first, 5)))
+    assert a["llmco2.measured.source"] == "pending" and "llmco2.measured.energy_j" not in a
+    svc.on_engine_finals(json.dumps({"finals": [["cold", 0.5, 0.25, 0.1, 0.0, "fake", 10, 0, False]]}))
+    assert [rid for rid, _ in got] == ["cold"]
+    assert got[0][1]["llmco2.measured.energy_j"] == pytest.approx(0.75)
+    assert svc.measured_energy_j == pytest.approx(0.75)
     svc.close()
 
 

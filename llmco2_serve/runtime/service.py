@@ -636,9 +636,15 @@ class EnergyService:
     def _measured_attributes(self, request_id: str, measured: Mapping[str, Any] | None,
                              attrs: dict[str, tm.AttributeValue]) -> dict[str, tm.AttributeValue]:
         """``attrs`` plus the engine's first answer (``llmco2.measured.*``), or ``pending`` /
-        ``unavailable`` when there is none."""
-        if not measured:
+        ``unavailable`` when there is none. A first answer from a measuring engine that carries no
+        energy yet (an open window before the engine's first window with work closed: its J per
+        unit of work is unknown) is ``pending`` too: its final value follows like a stop string's."""
+        if measured and not measured.get("final", False) and not _finite(measured.get("energy_j", math.nan)) \
+                and measured.get("source") not in (None, tm.MEASURED_SOURCE_UNAVAILABLE):
+            measured, source = None, MEASURED_SOURCE_PENDING
+        elif not measured:
             source = MEASURED_SOURCE_PENDING if self._engine_measuring() else tm.MEASURED_SOURCE_UNAVAILABLE
+        if not measured:
             if source == MEASURED_SOURCE_PENDING:
                 with self._lock:
                     self._span_pending[request_id] = None
