@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmco2_serve.workload.graph import KERNEL_KINDS, LayerTemplate, Segment
+from llmco2_serve.workload.graph import KERNEL_KINDS, KERNEL_LATENCY_S, LayerTemplate, Segment
 
 PHASE_FEATURES = ("log_ops", "log_mem_bytes", "log_net_bytes", "log_perf_gops", "log_time_us")
 NODE_FEATURE_NAMES = (
@@ -107,24 +107,34 @@ def featurize(template: LayerTemplate, batch, prompt_len, gen_tokens, gpu) -> Gr
 
 
 # The Roofline energy of a phase at the GPUs' TDP, per transformer layer (the GNN's output unit), as
-# a sum of three terms: compute at peak, memory traffic at full bandwidth, all-reduce traffic at the
+# a sum of three work terms (and a latency term, below): compute at peak, memory traffic at full bandwidth, all-reduce traffic at the
 # interconnect's bandwidth (a sum, not the kernel-wise max of ``log_*_time_us``: the max has kinks
 # where a kernel turns compute-bound, which the serving path's interpolated prediction table cannot
 # follow to its 2 % bound). Energy = per-GPU time x TDP x GPUs = total work / rate x TDP, so the GPU
-# count cancels. Each term: (feature, power) pairs and a unit constant; every feature is log1p of a
-# positive magnitude, so log(expm1(.)) is exact.
+# count cancels. Each term: (feature, power) pairs, a unit constant and whether it is already per
+# layer (the work features are whole-model totals: divided by the layers when layer-scaled); every
+# feature is log1p of a positive magnitude, so log(expm1(.)) is exact.
 _OFFSET_TERMS = tuple(
-    (phase, ((f"log_{phase}_{work}", 1.0), (rate, -1.0), ("log_tdp_w", 1.0), ("log_layers", -1.0)), unit)
+    (phase, ((f"log_{phase}_{work}", 1.0), (rate, -1.0), ("log_tdp_w", 1.0)), unit, False)
     for phase in ("prefill", "decode_step")
     for work, rate, unit in (("flops", "log_peak_tflops", 1e-12), ("bytes", "log_mem_bw_gb_s", 1e-9),
                              ("net_bytes", "log_net_bw_gb_s", 1e-9))
 )
+# Plus a fixed time per kernel and pass (``graph.KERNEL_LATENCY_S``, 4 us): without it the Roofline
+# energy of a step at batch 8 is too small by a factor that shrinks as the batch grows, and a
+# held-out model family inherits that wrong batch shape (the vLLM records' measured / predicted fell
+# ~1.7x from batch 8 to 64 on the MoE deployments). Per kernel of the layer graph
+# (``log_kernels_per_layer``) on every GPU of the step (``log_n_gpu``) at TDP; one pass for the
+# prefill, one per decode step.
+_OFFSET_TERMS = _OFFSET_TERMS + tuple(
+    (phase, (("log_kernels_per_layer", 1.0), ("log_tdp_w", 1.0), ("log_n_gpu", 1.0)), KERNEL_LATENCY_S, True)
+    for phase in ("prefill", "decode_step"))
 
 
 def roofline_offset(standardizer: "Standardizer", layer_scaled: bool = True) -> dict[str, np.ndarray]:
     """The fixed log-space offset of the GNN's two outputs (``gnn.LLMCO2GNN(offset=...)``): the log of
     the Roofline energy at TDP [per layer] of the prefill and of one decode step (compute time +
-    memory time + all-reduce time, x TDP x GPUs), read from the global features through
+    memory time + all-reduce time + a fixed time per kernel, x TDP x GPUs), read from the global features through
     ``standardizer`` (the arrays it needs are stored with the weights).
 
     Why: energy = power x time, and these times already have the batch physics of one engine step
@@ -132,19 +142,24 @@ def roofline_offset(standardizer: "Standardizer", layer_scaled: bool = True) -> 
     loaded). What is left to learn, measured / Roofline-at-TDP energy, is a power fraction and an
     efficiency: it varies ~3x over the vLLM records where the energy itself varies ~10^4x.
     """
-    names = sorted({n for _, pairs, _ in _OFFSET_TERMS for n, _ in pairs if layer_scaled or n != "log_layers"},
-                   key=GLOBAL_FEATURE_NAMES.index)
-    coef = np.zeros((len(names), len(_OFFSET_TERMS)))
-    for t, (_, pairs, _) in enumerate(_OFFSET_TERMS):
+    terms = []
+    for phase, pairs, unit, per_layer in _OFFSET_TERMS:
+        if layer_scaled and not per_layer:  # a whole-model total -> per layer
+            pairs = pairs + (("log_layers", -1.0),)
+        elif not layer_scaled and per_layer:  # per layer -> whole model
+            pairs = pairs + (("log_layers", 1.0),)
+        terms.append((phase, pairs, unit))
+    names = sorted({n for _, pairs, _ in terms for n, _ in pairs}, key=GLOBAL_FEATURE_NAMES.index)
+    coef = np.zeros((len(names), len(terms)))
+    for t, (_, pairs, _) in enumerate(terms):
         for n, power in pairs:
-            if n in names:
-                coef[names.index(n), t] = power
+            coef[names.index(n), t] = power
     i = np.array([GLOBAL_FEATURE_NAMES.index(n) for n in names], np.int64)
     return {"offset_idx": i.astype(np.float64), "offset_coef": coef,
-            "offset_bias": np.log([unit for _, _, unit in _OFFSET_TERMS]),
+            "offset_bias": np.log([unit for _, _, unit in terms]),
             "offset_mean": np.asarray(standardizer.global_mean, np.float64)[i].copy(),
             "offset_std": np.asarray(standardizer.global_std, np.float64)[i].copy(),
-            "offset_out": np.array([0.0 if phase == "prefill" else 1.0 for phase, _, _ in _OFFSET_TERMS])}
+            "offset_out": np.array([0.0 if phase == "prefill" else 1.0 for phase, _, _ in terms])}
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def predict_samples(trained: TrainedGNN, samples) -> dict[str, np.ndarray]:
 WEIGHTS_VERSION = "1"
 # Weights with a Roofline offset (their own arrays, read by NumpyGNN): a new version, so the label
 # (``llmco2.predictor``, and with it the calibration's deployment key) changes with the model form.
-WEIGHTS_VERSION_ROOFLINE_OFFSET = "2"
+WEIGHTS_VERSION_ROOFLINE_OFFSET = "3"  # 3: with the fixed time per kernel (graph.KERNEL_LATENCY_S)
 
 
 def mean_power_fraction_of_tdp(records) -> float:

@@ -258,7 +258,8 @@ def test_step_predictions_add_up_to_the_request_prediction(config, gpu):
                     for b, p, g, ep, ed, et in errs))
     worst_total = max(abs(e[5]) for e in errs)
     worst_phase = max(max(abs(e[3]), abs(e[4])) for e in errs)
-    assert worst_total <= 0.05 and worst_phase <= 0.08, errs  # measured: 0.9 % / 1.0 % tiny, 3.3 % / 4.7 % llama-8b
+    # measured (weights version 3, G_ref 128): 4.4 % / 4.8 % tiny, 3.0 % / 4.8 % llama-8b
+    assert worst_total <= 0.05 and worst_phase <= 0.08, errs
 
 
 def test_the_engine_meter_sends_windows_priced_in_gnn_joules_once_its_predictor_is_set():

@@ -44,6 +44,14 @@ MATMUL_KINDS = frozenset({
 })
 SEGMENT_VARS = ("bt", "bpairs", "bkv", "passes", "xpasses")
 FLASH_QUERY_TILE = 128  # query rows per flash-attention tile (FlashAttention-2 forward default)
+# A fixed time per kernel of the layer graph and forward pass, on every GPU: launch, ramp-up and
+# tail of a kernel, the latency of a small all-reduce. A kernel on an H100/B200 takes a few
+# microseconds however little it does, which is what a small-batch decode step mostly is. Used by
+# the GNN's Roofline offset (predictors/features.py). Not by the engine meter's row split
+# (step_costs.py): adding it there as a shared part split evenly moved prefill energy onto the decode
+# rows of mixed steps (tests/test_attribution_sim.py's preemption case: prefill 30 % low) and did not
+# make the engine's step joules agree better with the request predictions.
+KERNEL_LATENCY_S = 4e-6
 
 
 @dataclass(frozen=True)
