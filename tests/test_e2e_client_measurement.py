@@ -117,7 +117,9 @@ def test_non_streaming_headers_equal_the_exported_span(enabled, name):
     assert truth["energy_j"] > 0
     assert h["x-llmco2-measured-final"] == ("true" if truth["final"] else "false")
     est = float(h["x-llmco2-measured-estimated-energy-j"])
-    assert 0.0 <= est <= truth["energy_j"] * (1 + 1e-9)
+    # the header carries 9 significant digits (rounding <= 5e-9 relative); an answer that is all
+    # open-window estimate has est == energy
+    assert 0.0 <= est <= truth["energy_j"] * (1 + 1e-8)
     if truth["final"]:
         assert est == 0.0
     # the predicted headers describe the same sequences
