@@ -88,6 +88,7 @@ class EngineSide:
         self._books_t = 0.0
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
+        self.weights_reloads = 0  # LLMCO2_WEIGHTS files the step pricing switched to (_watch_weights)
         if not self.enabled:
             return
         problem = _self_check()
@@ -146,6 +147,48 @@ class EngineSide:
         choice = make_predictor(settings, info, gpu_names)
         if choice.predictor is not None and self.meter is not None:
             self.meter.set_predictor(choice.predictor)
+            if settings.weights_path and settings.reload_interval_s > 0:
+                self._watch_weights(settings.weights_path, settings.reload_interval_s)
+
+    def _watch_weights(self, path: str, interval_s: float) -> None:
+        """The API server hot-reloads LLMCO2_WEIGHTS (service.reload_weights); the engine core
+        follows on this thread, off the step loop, so that its step pricing, and with it the
+        counter windows sent to the calibrator, carry the new weights' label (a window priced by
+        other weights is refused there). Old weights stay on any error (logged once per file)."""
+        import dataclasses
+
+        from llmco2_serve.prediction.predictor import WeightsBeingReplaced, read_weights_file
+
+        def signature() -> tuple[int, int, int] | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+        seen = signature()
+        last_error = None
+        while not self._stop.wait(interval_s):
+            sig = signature()
+            meter = self.meter
+            if sig is None or sig == seen or meter is None:
+                continue
+            old = meter.predictor
+            try:
+                meter.set_predictor(dataclasses.replace(old, weights=read_weights_file(path)))
+            except WeightsBeingReplaced:
+                continue  # mid-publication: the next look sees the finished pair
+            except Exception as e:  # noqa: BLE001 - fail-open: the engine keeps its weights and serves
+                seen = sig
+                if str(e) != last_error:
+                    logger.warning("llmco2 engine core: cannot reload GNN weights from %s (%s: %s); keeping %s",
+                                   path, type(e).__name__, e, meter.predictor_label)
+                last_error = str(e)
+                continue
+            seen = sig
+            self.weights_reloads += 1
+            logger.info("llmco2 engine core (pid %d, engine %d): step pricing reloaded from %s: %s",
+                        self.pid, self.engine_index, path, meter.predictor_label)
 
     # ------------------------------------------------------------------ finals out
     def attach_output_queue(self, output_queue: Any, engine_index: int) -> None:

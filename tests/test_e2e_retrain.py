@@ -12,6 +12,7 @@ watcher's reload carry the retrained label, and every request during all this is
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -161,4 +162,18 @@ def test_retrain_and_hot_reload_change_the_label_while_serving(server):
     while time.monotonic() < deadline and "GNN weights reloaded 1 time(s)" not in open(server["log"]).read():
         time.sleep(0.5)
     assert "GNN weights reloaded 1 time(s), 0 file(s) refused" in open(server["log"]).read()
+    # The engine core followed (same file, its own watcher): its counter windows are priced by the
+    # new weights and the new calibrator learns from them. Without it they were refused as priced
+    # by other weights (window:other_predictor), and the new calibrator's window count stayed 0.
+    log = open(server["log"]).read()
+    assert f"step pricing reloaded from {wdir / 'current.npz'}: {new_label}" in log, log[-3000:]
+    windows, deadline, i = 0.0, time.monotonic() + 30, 40_000
+    while time.monotonic() < deadline and windows <= 0:
+        _run(base, range(i, i + 4))  # some work for the counter windows
+        i += 4
+        text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+        windows = sum(float(m.group(1)) for m in re.finditer(
+            r'^llmco2_calibration_observations_by_kind\{[^}]*kind="window"[^}]*\} (\S+)$', text, re.M))
+        time.sleep(1.0)
+    assert windows > 0, "the new calibrator got no counter windows after the reload"
     print(f"retrain took {retrain_s:.1f} s ({report['timing_s']}); {len(during)} requests served meanwhile")

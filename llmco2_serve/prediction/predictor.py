@@ -91,6 +91,34 @@ def load_weights(path: str | None = None, profile: str | None = None) -> Embedde
     return EmbeddedWeights(arrays, metadata)
 
 
+class WeightsBeingReplaced(WeightsError):
+    """The npz does not have the ``weights_sha256`` its ``.json`` names: caught between a
+    publication's two ``os.replace`` calls; try again later."""
+
+
+def read_weights_file(path: str) -> EmbeddedWeights:
+    """A weights file and its ``.json`` as they are now, for a hot reload (not cached, unlike
+    :func:`load_weights`): the bytes checked against the metadata's ``weights_sha256`` are the bytes
+    loaded. Raises :class:`WeightsBeingReplaced` on a mismatch, :class:`WeightsError` otherwise."""
+    import hashlib
+    import io
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
+            metadata = json.load(f)
+        if not isinstance(metadata, dict):
+            raise WeightsError("metadata is not a JSON object")
+        want = metadata.get("weights_sha256")
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise WeightsBeingReplaced("weights and metadata do not match (being replaced?); retrying later")
+        arrays = dict(np.load(io.BytesIO(data)))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read GNN weights from {path}: {e}") from e
+    return EmbeddedWeights(arrays, metadata)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Predicted cost of one request (``batch`` sequences). Energies in J, carbon in g CO2e."""

@@ -953,9 +953,9 @@ class EnergyService:
         False and keeps the old weights (counted in ``weights_reload_failures``, logged once per
         file version) when the file cannot be used."""
         import dataclasses
-        import io
 
-        from llmco2_serve.prediction.predictor import EmbeddedWeights, Predictor, WeightsError
+        from llmco2_serve.prediction.predictor import (Predictor, WeightsBeingReplaced, WeightsError,
+                                                        read_weights_file)
 
         with self._reload_lock:
             self._reload_retry = False
@@ -963,21 +963,12 @@ class EnergyService:
             try:
                 if not isinstance(old, Predictor):
                     raise WeightsError("no GNN predictor was built at start-up: nothing to reload")
-                with open(path, "rb") as f:
-                    data = f.read()  # one read: the bytes checked are the bytes loaded
-                with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
-                    metadata = json.load(f)
-                if not isinstance(metadata, dict):
-                    raise WeightsError("metadata is not a JSON object")
-                want = metadata.get("weights_sha256")
-                if want:
-                    import hashlib
-
-                    if hashlib.sha256(data).hexdigest() != want:
-                        self._reload_retry = True
-                        raise WeightsError("weights and metadata do not match (being replaced?); retrying later")
-                arrays = dict(np.load(io.BytesIO(data)))
-                new = dataclasses.replace(old, weights=EmbeddedWeights(arrays, metadata))
+                try:
+                    weights = read_weights_file(path)
+                except WeightsBeingReplaced:
+                    self._reload_retry = True
+                    raise
+                new = dataclasses.replace(old, weights=weights)
                 probe = new.predict_many(np.array([16, 512]), np.array([16, 128]), batch=4)
                 if not (np.all(np.isfinite(probe.energy_j)) and np.all(probe.energy_j > 0)):
                     raise WeightsError("the new weights predict non-finite or non-positive energy")
