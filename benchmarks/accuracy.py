@@ -124,6 +124,11 @@ def exclusions(results: dict) -> list[str]:
     return out
 
 
+def _rows(preds: dict, idx) -> dict:
+    """The predictions of rows ``idx`` (each predictor's array, or None)."""
+    return {p: (None if v is None else np.asarray(v, np.float64)[idx]) for p, v in preds.items()}
+
+
 def calibration_block(preds: dict, samples, k: int, calibrator_options: dict | None = None,
                       draws: int = 20) -> dict:
     """``llmco2 eval --calibrate K`` on the held-out predictions, plus a ceiling for its model form.
@@ -158,7 +163,7 @@ def calibration_block(preds: dict, samples, k: int, calibrator_options: dict | N
     worst = []  # each deployment on its own (a fresh calibrator per deployment either way)
     for key, idx in groups.items():
         if len(idx) > k:
-            sub = {p: (None if v is None else np.asarray(v, np.float64)[idx]) for p, v in preds.items()}
+            sub = _rows(preds, idx)
             one = evaluate_calibrated(sub, [samples[i] for i in idx], k, make_calibrator=make)
             worst.append((one["mape"], f"{key.model} on {key.n_gpu}x {key.gpu}", one["n"]))
     worst.sort(reverse=True)
@@ -169,7 +174,7 @@ def calibration_block(preds: dict, samples, k: int, calibrator_options: dict | N
     drawn = []
     for _ in range(draws):
         order = [i for idx in groups.values() for i in rng.permutation(idx).tolist()]
-        sub = {p: (None if v is None else np.asarray(v, np.float64)[order]) for p, v in preds.items()}
+        sub = _rows(preds, order)
         one = evaluate_calibrated(sub, [samples[i] for i in order], k, make_calibrator=make)
         drawn.append((one["mape"], one["eba_10"]))
     return {"k": k, "n": r["n"], "mape": r["mape"], "eba_10": r["eba_10"], "eba_30": r["eba_30"],

@@ -88,7 +88,6 @@ class EngineSide:
         self._books_t = 0.0
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
-        self.weights_reloads = 0  # LLMCO2_WEIGHTS files the step pricing switched to (_watch_weights)
         self._client_indices: set[int] = {0}  # API servers (client indices) this engine has answered
         if not self.enabled:
             return
@@ -158,19 +157,12 @@ class EngineSide:
         other weights is refused there). Old weights stay on any error (logged once per file)."""
         import dataclasses
 
-        from llmco2_serve.prediction.predictor import WeightsBeingReplaced, read_weights_file
+        from llmco2_serve.prediction.predictor import WeightsBeingReplaced, file_signature, read_weights_file
 
-        def signature() -> tuple[int, int, int] | None:
-            try:
-                st = os.stat(path)
-            except OSError:
-                return None
-            return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-        seen = signature()
+        seen = file_signature(path)
         last_error = None
         while not self._stop.wait(interval_s):
-            sig = signature()
+            sig = file_signature(path)
             meter = self.meter
             if sig is None or sig == seen or meter is None:
                 continue
@@ -187,7 +179,6 @@ class EngineSide:
                 last_error = str(e)
                 continue
             seen = sig
-            self.weights_reloads += 1
             logger.info("llmco2 engine core (pid %d, engine %d): step pricing reloaded from %s: %s",
                         self.pid, self.engine_index, path, meter.predictor_label)
 
@@ -234,7 +225,7 @@ class EngineSide:
         wins = meter.pop_windows() if books is not None else ()
         windows = ({"source": books["source"], "predictor": meter.predictor_label,
                     "rows": [w.to_row() for w in wins]} if wins else None)
-        for client in (self._client_indices if windows or books is not None else by_client):
+        for client in (self._client_indices if books is not None else by_client):
             msg: dict[str, Any] = {"finals": by_client.get(client, [])}
             if books is not None and client == 0:
                 msg["books"] = books

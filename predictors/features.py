@@ -107,8 +107,8 @@ def featurize(template: LayerTemplate, batch, prompt_len, gen_tokens, gpu) -> Gr
 
 
 # The Roofline energy of a phase at the GPUs' TDP, per transformer layer (the GNN's output unit), as
-# a sum of three work terms (and a latency term, below): compute at peak, memory traffic at full bandwidth, all-reduce traffic at the
-# interconnect's bandwidth (a sum, not the kernel-wise max of ``log_*_time_us``: the max has kinks
+# a sum of three work terms (and a latency term, below): compute at peak, memory traffic at full
+# bandwidth, all-reduce traffic at the interconnect's bandwidth (a sum, not the kernel-wise max of ``log_*_time_us``: the max has kinks
 # where a kernel turns compute-bound, which the serving path's interpolated prediction table cannot
 # follow to its 2 % bound). Energy = per-GPU time x TDP x GPUs = total work / rate x TDP, so the GPU
 # count cancels. Each term: (feature, power) pairs, a unit constant and whether it is already per
@@ -134,8 +134,8 @@ _OFFSET_TERMS = _OFFSET_TERMS + tuple(
 def roofline_offset(standardizer: "Standardizer", layer_scaled: bool = True) -> dict[str, np.ndarray]:
     """The fixed log-space offset of the GNN's two outputs (``gnn.LLMCO2GNN(offset=...)``): the log of
     the Roofline energy at TDP [per layer] of the prefill and of one decode step (compute time +
-    memory time + all-reduce time + a fixed time per kernel, x TDP x GPUs), read from the global features through
-    ``standardizer`` (the arrays it needs are stored with the weights).
+    memory time + all-reduce time + a fixed time per kernel, x TDP x GPUs), read from the global
+    features through ``standardizer`` (the arrays it needs are stored with the weights).
 
     Why: energy = power x time, and these times already have the batch physics of one engine step
     (weights read once per step and shared by its rows, per-row KV reads and compute, MoE experts

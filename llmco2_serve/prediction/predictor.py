@@ -96,6 +96,16 @@ class WeightsBeingReplaced(WeightsError):
     publication's two ``os.replace`` calls; try again later."""
 
 
+def file_signature(path: str) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or replaced (os.replace gives a new inode); None when
+    it cannot be stat'ed. The hot-reload watchers compare it between looks."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def read_weights_file(path: str) -> EmbeddedWeights:
     """A weights file and its ``.json`` as they are now, for a hot reload (not cached, unlike
     :func:`load_weights`): the bytes checked against the metadata's ``weights_sha256`` are the bytes

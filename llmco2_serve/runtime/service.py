@@ -639,12 +639,12 @@ class EnergyService:
         ``unavailable`` when there is none. A first answer from a measuring engine that carries no
         energy yet (an open window before the engine's first window with work closed: its J per
         unit of work is unknown) is ``pending`` too: its final value follows like a stop string's."""
-        if measured and not measured.get("final", False) and not _finite(measured.get("energy_j", math.nan)) \
-                and measured.get("source") not in (None, tm.MEASURED_SOURCE_UNAVAILABLE):
-            measured, source = None, MEASURED_SOURCE_PENDING
-        elif not measured:
-            source = MEASURED_SOURCE_PENDING if self._engine_measuring() else tm.MEASURED_SOURCE_UNAVAILABLE
-        if not measured:
+        cold = bool(measured) and not measured.get("final", False) \
+            and not _finite(measured.get("energy_j", math.nan)) \
+            and measured.get("source") not in (None, tm.MEASURED_SOURCE_UNAVAILABLE)
+        if cold or not measured:
+            source = (MEASURED_SOURCE_PENDING if cold or self._engine_measuring()
+                      else tm.MEASURED_SOURCE_UNAVAILABLE)
             if source == MEASURED_SOURCE_PENDING:
                 with self._lock:
                     self._span_pending[request_id] = None
@@ -912,8 +912,10 @@ class EnergyService:
         self._reload_retry = False
         self._watch_stop = threading.Event()
         self._retrain_proc: Any = None
+        from llmco2_serve.prediction.predictor import file_signature
+
         path = self.settings.weights_path
-        self._weights_seen = _file_signature(path) if path else None
+        self._weights_seen = file_signature(path) if path else None
         if path and not _weights_match_metadata(path):
             # started between a publication's two os.replace calls (or after one was killed there):
             # the watcher keeps trying until the npz that the metadata names is in place
@@ -937,7 +939,9 @@ class EnergyService:
         path = self.settings.weights_path
         if not path or not hasattr(self, "_table_thread"):  # no file, or __init__ has not finished
             return None
-        sig = _file_signature(path)
+        from llmco2_serve.prediction.predictor import file_signature
+
+        sig = file_signature(path)
         if sig is None or sig == self._weights_seen:
             return None
         ok = self.reload_weights(path)
@@ -1075,15 +1079,6 @@ class EnergyService:
         self.flush_metrics()  # the last second of predicted energy reaches the counters
         if self._pairs is not None:
             self._pairs.close()
-
-
-def _file_signature(path: str) -> tuple[int, int, int] | None:
-    """What changes when a file is rewritten or replaced (os.replace gives a new inode)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _weights_match_metadata(path: str) -> bool:
