@@ -196,6 +196,24 @@ def test_absurd_or_missing_max_tokens_is_capped(predictor, tmp_path):
     assert svc.on_request("empty", 0, 10, 0) is None
 
 
+def test_estimated_part_never_exceeds_the_energy_after_the_wire_rounding(predictor, tmp_path):
+    """The engine's books cross to the API server as JSON, each energy rounded to 1e-9 J on its
+    own (encode_measured); a whole-estimated measurement must still say estimated <= energy."""
+    from llmco2_serve.runtime.attribution import MeasuredEnergy
+    from llmco2_serve.runtime.service import decode_measured, encode_measured
+    # the values CI met: 0.0024... + 0.0060... rounded apart, the estimated sum rounded up
+    m = MeasuredEnergy(request_id="r", prefill_energy_j=0.0024865634, decode_energy_j=0.0059999995,
+                       energy_j=0.0084865629, uncertainty_j=0.001, estimated_energy_j=0.0084865629,
+                       source="fake", n_steps=3, n_preemptions=0, aborted=False, final=False)
+    wire = decode_measured(encode_measured(m, gen_tokens=3))
+    assert wire["estimated_energy_j"] > wire["prefill_energy_j"] + wire["decode_energy_j"]  # the case
+    svc = service(predictor, tmp_path)
+    svc.on_request("r", prompt_len=20, max_tokens=3, running_requests=0)
+    a = svc.on_finished("r", 3, wire)
+    assert a["llmco2.measured.estimated_energy_j"] <= a["llmco2.measured.energy_j"]
+    assert a["llmco2.measured.estimated_energy_j"] == pytest.approx(0.0084865635, abs=2e-9)
+
+
 def test_finished_attributes_with_measurement(predictor, tmp_path):
     svc = service(predictor, tmp_path, LLMCO2_CARBON_INTENSITY_G_PER_KWH="360", LLMCO2_PUE="1.5")
     p = svc.on_request("r", prompt_len=20, max_tokens=100, running_requests=0)

@@ -671,7 +671,9 @@ class EnergyService:
             attrs["llmco2.measured.final"] = bool(m.get("final", False))
             est = m.get("estimated_energy_j", math.nan)
             if _finite(est):
-                attrs["llmco2.measured.estimated_energy_j"] = max(0.0, float(est))
+                # the estimated part of energy_j, never above it: each value crossed the wire
+                # rounded to 1e-9 J on its own, so the rounded part could pass the rounded sum
+                attrs["llmco2.measured.estimated_energy_j"] = min(max(0.0, float(est)), max(0.0, energy))
         return attrs
 
     def _engine_measuring(self) -> bool:
