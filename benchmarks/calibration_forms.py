@@ -9,7 +9,12 @@ request-energy MAPE
 * ceiling: fitted to all of a deployment's records and scored on them;
 * first K: fitted to the deployment's first K records in file order (its K smallest batches in the
   shipped ML.ENERGY file), scored on the rest;
-* random K: fitted to K records drawn at random, scored on the rest (mean of ``--draws`` draws).
+* random K: fitted to K records drawn at random, scored on the rest (mean of ``--draws`` draws);
+
+and then, for two of the forms fitted to a deployment's first K records, how far its other
+records' error is from that fit, octave by octave of the batch, with the MAPE of an oracle that
+also removes each octave's mean over all deployments: what is left is the spread between
+deployments, which no population-wide refinement of that form can remove.
 
 Usage::
 
@@ -96,6 +101,30 @@ def score(form: str, groups, k: int | None, draws: int = 0, seed: int = 0) -> tu
     return float(e.mean()), float((e <= 0.1).mean())
 
 
+def spread_beyond_first_k(groups, k: int, form: str) -> tuple[list[tuple[int, int, float, float]], float]:
+    """How far a deployment's error moves away from what ``form`` fitted to its first ``k``
+    records says.
+
+    For every record after the first ``k`` of its deployment: ``delta = log(measured / corrected)``,
+    ``corrected`` being ``form`` fitted to the first ``k``. Returns rows (batch octave ``2**j``,
+    count, mean delta, sd of delta) and the MAPE of an *oracle* that also knows, per batch octave,
+    the mean delta over all deployments (what a population-wide correction of ``form`` could add):
+    its error is the spread between deployments alone."""
+    by_octave: dict[int, list[float]] = {}
+    for rows in groups:
+        if len(rows) <= k:
+            continue
+        f = fit(form, *(np.array(c) for c in zip(*rows[:k])))
+        for b, p, m, g in rows[k:]:
+            by_octave.setdefault(int(math.log2(b)), []).append(math.log(m / f(b, p, g)))
+    table, errors = [], []
+    for j in sorted(by_octave):
+        d = np.array(by_octave[j])
+        table.append((2 ** j, len(d), float(d.mean()), float(d.std())))
+        errors += np.abs(np.exp(-(d - d.mean())) - 1.0).tolist()
+    return table, float(np.mean(errors))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("accuracy_json", type=Path, help="output of benchmarks/accuracy.py --predictors gnn --json")
@@ -111,6 +140,16 @@ def main(argv=None) -> int:
         f_m, f_e = score(form, groups, args.k)
         r_m, r_e = score(form, groups, args.k, draws=args.draws)
         print(f"| {form} | {100 * c:.1f}% | {100 * f_m:.1f}%, {100 * f_e:.1f}% | {100 * r_m:.1f}%, {100 * r_e:.1f}% |")
+    for form in ("constant factor", "power law held 2x"):
+        table, oracle = spread_beyond_first_k(groups, args.k, form)
+        print(f"\n{form} fitted to a deployment's first {args.k} records: log(measured / corrected) of its other "
+              f"records, by batch octave over all deployments\n")
+        print("| batch octave | records | mean | sd |")
+        print("|---|---|---|---|")
+        for octave, n, mean, sd in table:
+            print(f"| {octave} | {n} | {mean:+.2f} | {sd:.2f} |")
+        print(f"\nWith each octave's mean over all deployments removed as well (an oracle): MAPE {100 * oracle:.1f}%, "
+              f"the spread between deployments alone")
     return 0
 
 
