@@ -60,7 +60,9 @@ def analyse(lines: Iterable[str]) -> dict:
         line = line.strip()
         if not line:
             continue
-        stack_text, count_text = line.rsplit(" ", 1)
+        stack_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():  # not a sample (seen: a log line that reached py-spy's raw output)
+            continue
         n = int(count_text)
         stack = stack_text.split(";")
         total += n
