@@ -1,7 +1,8 @@
 """Engine profiles, request-only (aggregated steady-state) records, and the ML.ENERGY conversion.
 
-Truths from outside the code under test: the shipped weights files themselves (their statistics exactly, their accuracy on the records),
-the NVML-measured H200 records and the published ML.ENERGY v3 numbers in shared/.
+Truths from outside the code under test: the shipped weights files themselves (their statistics
+exactly, their accuracy on the records), the NVML-measured H200 records and the published ML.ENERGY
+v3 numbers in shared/.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def test_cli_profile_and_weights_options(tmp_path, capsys):
 def test_train_reproduces_the_shipped_weights(profile, tmp_path, capsys):
     """`llmco2 train --profile P` rebuilds the shipped weights: the data statistics exactly, the
     network to the float rounding of the CPU it runs on (float sums are ordered differently with
-    AVX2 and AVX-512 kernels, and 20,000 Adam steps carry that into a weight of the last layer by a
-    few %), and so the same accuracy on the profile's records as the shipped file."""
+    AVX2 and AVX-512 kernels, and hundreds of full-batch Adam steps carry that into the last
+    layers' weights by a few %), and so the same accuracy on the profile's records as the shipped
+    file."""
     out = tmp_path / f"{profile}.npz"
     assert main(["train", "--profile", profile, "--out", str(out)]) == 0
     shipped_path = str(DATA / f"gnn_weights_{profile}.npz")
