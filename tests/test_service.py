@@ -16,7 +16,7 @@ import pytest
 from llmco2_serve.hardware.gpu_energy import FakeEnergyReader, ManualClock, NullEnergyReader
 from llmco2_serve.workload.output_length import OutputLengthModel, OutputPrior
 from llmco2_serve.prediction.records import parse_record
-from llmco2_serve.runtime.attribution import EnergyAttributor, ScheduledWork
+from llmco2_serve.runtime.attribution import EnergyAttributor, MeasuredEnergy, ScheduledWork
 from llmco2_serve.runtime.service import (
     ERROR_ATTRIBUTE, EnergyService, EngineMeter, ModelInfo, decode_measured, encode_measured, make_predictor,
 )
@@ -199,8 +199,6 @@ def test_absurd_or_missing_max_tokens_is_capped(predictor, tmp_path):
 def test_estimated_part_never_exceeds_the_energy_after_the_wire_rounding(predictor, tmp_path):
     """The engine's books cross to the API server as JSON, each energy rounded to 1e-9 J on its
     own (encode_measured); a whole-estimated measurement must still say estimated <= energy."""
-    from llmco2_serve.runtime.attribution import MeasuredEnergy
-    from llmco2_serve.runtime.service import decode_measured, encode_measured
     # a whole-estimated measurement of the total CI met (0.008486563 J): the phases round down
     # on the wire, the estimated part rounds up
     m = MeasuredEnergy(request_id="r", prefill_energy_j=0.0024865634, decode_energy_j=0.0059999995,

@@ -673,7 +673,7 @@ class EnergyService:
             if _finite(est):
                 # the estimated part of energy_j, never above it: each value crossed the wire
                 # rounded to 1e-9 J on its own, so the rounded part could pass the rounded sum
-                attrs["llmco2.measured.estimated_energy_j"] = min(max(0.0, float(est)), max(0.0, energy))
+                attrs["llmco2.measured.estimated_energy_j"] = min(_clip0(est), _clip0(energy))
         return attrs
 
     def _engine_measuring(self) -> bool:
