@@ -30,7 +30,28 @@ def model_info(vllm_config: Any) -> ModelInfo:
         max_model_len=getattr(mc, "max_model_len", None),
         max_num_seqs=getattr(sc, "max_num_seqs", None) if sc is not None else None,
         engine=f"vllm-{vllm_version()}",
+        data_parallel=_positive(getattr(pc, "data_parallel_size", 1)),
+        engines_per_api_server=engines_per_api_server(pc),
+        api_servers=_positive(getattr(pc, "_api_process_count", 1)),
     )
+
+
+def engines_per_api_server(pc: Any) -> int:
+    """How many data-parallel engines one API server sends requests to (vLLM's load-balancing modes):
+    all of them by default (internal LB), this node's with ``--data-parallel-hybrid-lb``, its own
+    one with an external load balancer (``--data-parallel-external-lb`` / ``--data-parallel-rank``)."""
+    if getattr(pc, "data_parallel_external_lb", False):
+        return 1
+    if getattr(pc, "data_parallel_hybrid_lb", False):
+        return _positive(getattr(pc, "data_parallel_size_local", 1))
+    return _positive(getattr(pc, "data_parallel_size", 1))
+
+
+def _positive(value: Any) -> int:
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return 1
 
 
 def vllm_version() -> str:

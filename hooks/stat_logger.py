@@ -67,6 +67,9 @@ class LLMCO2StatLogger(StatLoggerBase):
         self._reported_reloads = (0, 0)
         self.service = None
         st = _state.state()
+        # vLLM builds one logger per data-parallel engine; the plugin's line is the API server's
+        # (one service per process), so only the first logger of the process says it.
+        self._says_periodic_line = st.extra.setdefault("periodic_stat_logger", self) is self
         strict = st.settings is not None and not st.settings.fail_open
         try:
             self.service = ensure_service(vllm_config)
@@ -83,6 +86,8 @@ class LLMCO2StatLogger(StatLoggerBase):
         pass  # predictions and measurements are recorded per request by the patches
 
     def log(self) -> None:
+        if not self._says_periodic_line:
+            return
         total = sum(_patches.failures.values())
         if total > self._reported_failures:
             self._reported_failures = total

@@ -337,3 +337,26 @@ def test_register_is_fail_open_when_the_plugin_itself_is_broken(monkeypatch, cap
     monkeypatch.setenv("LLMCO2_FAIL_OPEN", "0")
     with pytest.raises(ImportError):
         hooks.register_general_plugin()
+
+
+def test_model_info_reads_data_parallel_and_api_servers_from_vllms_parallel_config():
+    """The fields read are vLLM's own (a renamed field fails here, not silently in a server)."""
+    from vllm.config import ParallelConfig
+
+    from llmco2_serve.hooks._vllm_config import engines_per_api_server
+
+    default = ParallelConfig()
+    for name in ("data_parallel_size", "data_parallel_size_local", "data_parallel_external_lb",
+                 "data_parallel_hybrid_lb", "_api_process_count"):
+        assert hasattr(default, name), name
+
+    def pc(**kw):
+        base = dict(data_parallel_size=4, data_parallel_size_local=2, data_parallel_external_lb=False,
+                    data_parallel_hybrid_lb=False)
+        return SimpleNamespace(**{**base, **kw})
+
+    assert engines_per_api_server(pc()) == 4  # internal load balancing: every engine
+    assert engines_per_api_server(pc(data_parallel_hybrid_lb=True)) == 2  # this node's engines
+    assert engines_per_api_server(pc(data_parallel_external_lb=True)) == 1  # its own engine
+    assert engines_per_api_server(SimpleNamespace()) == 1  # an older vLLM without data parallelism
+    assert engines_per_api_server(default) == 1 and default._api_process_count == 1

