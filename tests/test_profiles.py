@@ -119,21 +119,22 @@ def test_cli_profile_and_weights_options(tmp_path, capsys):
 
 @pytest.mark.parametrize("profile", ["hf-eager", "vllm"])
 def test_train_reproduces_the_shipped_weights(profile, tmp_path, capsys):
-    """`llmco2 train --profile P` rebuilds the shipped weights: the data statistics exactly, the
-    network to the float rounding of the CPU it runs on (float sums are ordered differently with
-    AVX2 and AVX-512 kernels, and hundreds of full-batch Adam steps carry that into the last
-    layers' weights by a few %), and so the same accuracy on the profile's records as the shipped
-    file."""
+    """`llmco2 train --profile P` rebuilds the shipped weights: the data statistics to the last
+    bits, the network to the float rounding of the CPU it runs on (float sums are ordered
+    differently with AVX2 and AVX-512 kernels, and hundreds of full-batch Adam steps carry that
+    into the last layers' weights by a few %), and so the same accuracy on the profile's records
+    as the shipped file."""
     out = tmp_path / f"{profile}.npz"
     assert main(["train", "--profile", profile, "--out", str(out)]) == 0
     shipped_path = str(DATA / f"gnn_weights_{profile}.npz")
     new, shipped = np.load(out), np.load(shipped_path)
     assert sorted(new.files) == sorted(shipped.files)
     for k in shipped.files:
+        scale = float(np.abs(shipped[k]).max())
         if k.startswith(("offset_", "std_")):  # statistics of the records: no training in them
-            assert np.array_equal(new[k], shipped[k]), k
+            # equal to the last bits of a float sum (they differed by 2.8e-17 on one AMD EPYC run)
+            assert np.allclose(new[k], shipped[k], rtol=1e-12, atol=1e-12 * scale), k
         else:
-            scale = float(np.abs(shipped[k]).max())
             assert np.allclose(new[k], shipped[k], rtol=0.0, atol=0.1 * scale), k
     meta = json.loads((DATA / f"gnn_weights_{profile}.json").read_text())
     assert json.loads(out.with_suffix(".json").read_text())["training_data"] == meta["training_data"]

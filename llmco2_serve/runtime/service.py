@@ -14,10 +14,11 @@ The measured values travel from the engine core to the API server as one small J
 
 Per-request share under batching (``on_request``)
     A request arriving while ``R`` others are in flight on its engine runs in a batch of about
-    ``b = min(R + 1, max_num_seqs)`` sequences (``R`` from this API server's in-flight count,
-    scaled to one engine's share under data parallelism and several API servers). We predict a batch of ``b`` sequences that
-    look like this request (its prompt length and its expected output length) and charge it
-    ``1/b`` of that batch's energy (and time, and CO2). Decode is memory-bound: the weights
+    ``b = min(R + 1, max_num_seqs)`` sequences (``R``: this API server's in-flight count scaled
+    to one engine's share under data parallelism and several API servers,
+    ``ModelInfo.engine_batch``). We predict a batch of ``b`` sequences that look like this
+    request (its prompt length and its expected output length) and charge it ``1/b`` of that
+    batch's energy (and time, and CO2). Decode is memory-bound: the weights
     are read once per step for the whole batch, so the share falls roughly as ``1/b``;
     prefill is compute-bound and its share stays about the lone-request figure. The batch
     context is a snapshot at arrival (the batch changes while the request runs); the
@@ -496,8 +497,10 @@ class EnergyService:
         est = self.output_lengths.estimate(self.model.model_name, cap)
         expected, upper = est.expected_tokens, est.upper_tokens
         # ``running_requests`` are this API server's; the engine's batch holds its share of every
-        # API server's (ModelInfo.engine_batch). Siblings are counted whole: vLLM adds them together.
-        b = self.model.engine_batch(running_requests) + (int(siblings) if siblings > 1 else 1)
+        # API server's (ModelInfo.engine_batch). vLLM's DP load balancer places each sibling on its
+        # own (least loaded) engine, so an engine gets its share of them too.
+        group = max(1, int(siblings))
+        b = self.model.engine_batch(running_requests) + -(-group // max(1, self.model.engines_per_api_server))
         if b < 1:
             b = 1
         if self.model.max_num_seqs and b > self.model.max_num_seqs:
