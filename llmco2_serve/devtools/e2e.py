@@ -15,10 +15,10 @@ import queue
 import statistics
 import sys
 import threading
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from llmco2_serve.devtools.demo import post_completion
 from llmco2_serve.devtools.serverctl import ServerProcess, free_port
 from llmco2_serve.devtools.otlp_receiver import OtlpReceiver
 from llmco2_serve.devtools.tinymodel import build_tiny_model
@@ -113,14 +113,7 @@ def closed_loop_completions(base_url: str, n_requests: int, clients: int, *, max
             except queue.Empty:
                 return
             body = {"model": model, "prompt": "x" * (8 + i % 20), "max_tokens": max_tokens, "ignore_eos": True}
-            req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json", "Connection": "close"})
-            try:
-                with urllib.request.urlopen(req, timeout=timeout_s) as r:
-                    r.read()
-                    statuses[i] = r.status
-            except OSError:
-                statuses[i] = 0
+            statuses[i] = post_completion(base_url, body, index=i, timeout_s=timeout_s).status
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:

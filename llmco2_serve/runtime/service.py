@@ -499,8 +499,8 @@ class EnergyService:
         # ``running_requests`` are this API server's; the engine's batch holds its share of every
         # API server's (ModelInfo.engine_batch). vLLM's DP load balancer places each sibling on its
         # own (least loaded) engine, so an engine gets its share of them too.
-        group = max(1, int(siblings))
-        b = self.model.engine_batch(running_requests) + -(-group // max(1, self.model.engines_per_api_server))
+        siblings_here = math.ceil(max(1, int(siblings)) / max(1, self.model.engines_per_api_server))
+        b = self.model.engine_batch(running_requests) + siblings_here
         if b < 1:
             b = 1
         if self.model.max_num_seqs and b > self.model.max_num_seqs:
