@@ -60,12 +60,41 @@ def _check_admission(settings) -> None:
         _patches.log_once("admission-config", logging.ERROR, "llmco2: admission control OFF: %s", e)
 
 
+class _ToVllmLogger(logging.Handler):
+    """Hands each record of the core's loggers to vLLM's ``vllm`` logger, looked up at emit time:
+    vLLM configures (and may reconfigure, replacing its handler objects) its logging after the
+    plugins load, so its handlers cannot be copied at registration."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = logging.getLogger("vllm")
+        if target.handlers:  # none with VLLM_CONFIGURE_LOGGING=0: the root logger's config has them
+            target.handle(record)
+
+
+def route_core_logs() -> bool:
+    """Send the core's log records (loggers under ``llmco2_serve``: the prediction table, the carbon
+    intensity source, weight reloads, scheduled retrains, budget ledgers) through vLLM's handlers,
+    with vLLM's format, level and process prefix. Without this they had no handler inside a
+    server: INFO lines were dropped and warnings reached stderr bare, through Python's last-resort
+    handler. Records still propagate to the root logger (vLLM configures no root handler, so
+    nothing prints twice unless the operator added one). Idempotent; True when it added the route."""
+    core = logging.getLogger("llmco2_serve")
+    if any(isinstance(h, _ToVllmLogger) for h in core.handlers):
+        return False
+    core.addHandler(_ToVllmLogger())
+    if core.level == logging.NOTSET:  # else the root's WARNING would drop INFO before the handler
+        level = logging.getLevelName(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").strip().upper())
+        core.setLevel(level if isinstance(level, int) else logging.INFO)
+    return True
+
+
 def _register() -> None:
     from . import _patches, _state
 
     st = _state.state()
     if st.active or st.inactive_reason:
         return
+    route_core_logs()
     settings = _state.settings()  # SettingsError propagates only when fail_open is off
     if settings is None:
         st.inactive_reason = f"invalid settings: {st.settings_error}"

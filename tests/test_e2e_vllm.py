@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -196,6 +197,12 @@ def test_plugin_logged_startup_line_and_no_patch_failures(server, completions):
     assert "llmco2: model tiny-llama arch LlamaForCausalLM recognised=True" in log
     assert "GPUs: no NVML" in log
     assert "patch failures" not in log and "failed (" not in log, log[-3000:]
+    # The core's own lines (loggers under llmco2_serve) come out through vLLM's handler, with its
+    # process prefix and format: before, INFO lines were dropped and warnings printed bare.
+    assert re.search(r"\(APIServer pid=\d+\) INFO [^\n]*\] llmco2: prediction table ", log), log[-3000:]
+    assert re.search(r"\(APIServer pid=\d+\) INFO [^\n]*\] llmco2: carbon intensity: static", log), log[-3000:]
+    assert re.search(r"\(EngineCore pid=\d+\) WARNING [^\n]*\] llmco2 energy: using codecarbon CPU power ESTIMATE",
+                     log), log[-3000:]
 
 
 def _server_predictor(server):
@@ -258,3 +265,9 @@ def test_client_disconnect_goes_through_the_abort_patch(server):
     assert status == 200, raw
     log = server["log"].read_text()
     assert "patch failures" not in log and "failed (" not in log, log[-3000:]
+    # The core's own lines (loggers under llmco2_serve) come out through vLLM's handler, with its
+    # process prefix and format: before, INFO lines were dropped and warnings printed bare.
+    assert re.search(r"\(APIServer pid=\d+\) INFO [^\n]*\] llmco2: prediction table ", log), log[-3000:]
+    assert re.search(r"\(APIServer pid=\d+\) INFO [^\n]*\] llmco2: carbon intensity: static", log), log[-3000:]
+    assert re.search(r"\(EngineCore pid=\d+\) WARNING [^\n]*\] llmco2 energy: using codecarbon CPU power ESTIMATE",
+                     log), log[-3000:]
