@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	  echo "note: prometheus not installed; the Prometheus e2e test will skip"
 	@touch $@
 
-setup: $(STAMP)
+# The stamp alone would trust an environment that lost the packages since (a new interpreter under
+# the same version, a removed editable install): look them up from outside the checkout first.
+setup:
+	@cd / && $(PYTHON) -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("vllm") and u.find_spec("llmco2_serve") else 1)' \
+	  2>/dev/null || rm -f "$(CURDIR)/$(STAMP)"
+	@$(MAKE) --no-print-directory -s "$(STAMP)"
 
 demo: setup
 	$(PYTHON) -m llmco2_serve.devtools.demo --out llmco2-demo
