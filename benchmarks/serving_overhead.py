@@ -30,6 +30,8 @@ stable there (both servers get the same treatment):
   one after the other (issue 10's design).
 
 ``--on-env KEY=VALUE`` sets a variable on the plugin-on server only (ablations: which part costs).
+``--aa`` is the A/A control: the plugin off in both arms, so the pair ratios show what the design
+cannot resolve on this machine (a fresh unpinned server per run swings by itself).
 ``--server-arg=--disable-log-stats`` compares under vLLM's statistics off.
 
 Run: ``python benchmarks/serving_overhead.py [--max-tokens 1|32] [--pairs 2] [--pin] [--interleave]
@@ -373,6 +375,9 @@ def _parse_args(argv: Sequence[str] | None, cpu: bool) -> argparse.Namespace:
     p.add_argument("--on-env", action="append", default=[], metavar="KEY=VALUE",
                    help="throughput load: extra environment for the plugin-on server only (ablation: which part costs)")
     p.add_argument("--otlp", action="store_true", help="throughput load: export traces to a local receiver")
+    p.add_argument("--aa", action="store_true",
+                   help="throughput load: A/A control, the plugin off in both arms (the 'on' arm included): "
+                        "the spread of its pair ratios is what the design cannot resolve on this machine")
     p.add_argument("--rounds", type=int, default=16, help="passes over the request set per server")
     p.add_argument("--probe-requests", type=int, default=10, help="sequential 1-token requests after each round (0 = skip)")
     p.add_argument("--trace", choices=("conv", "code"), default="conv")
@@ -518,11 +523,13 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
         sent: dict[int, int] = {}  # requests sent to each server so far (its plugin counts its predictions)
 
         def start(mode: str, tag: str) -> serverctl.VllmServer:
-            env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(mode == "on"),
+            plugin_on = mode == "on" and not args.aa
+            env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(plugin_on),
                    "VLLM_LOG_STATS_INTERVAL": "1", "LLMCO2_PAIRS_PATH": "",
                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-                   **(dict(kv.split("=", 1) for kv in args.on_env) if mode == "on" else {})}
-            print(f"[{time.perf_counter() - t_start:6.1f} s] {tag}: starting server, plugin {mode} ...", flush=True)
+                   **(dict(kv.split("=", 1) for kv in args.on_env) if plugin_on else {})}
+            print(f"[{time.perf_counter() - t_start:6.1f} s] {tag}: starting server, plugin "
+                  f"{'on' if plugin_on else 'off'}{' (A/A arm B)' if args.aa and mode == 'on' else ''} ...", flush=True)
             server = stack.enter_context(serverctl.VllmServer(model_dir, env=env, extra_args=extra,
                                                               log_path=args.out / f"vllm-{mode}-{tag.split()[-1]}.log"))
             if args.pin:
@@ -540,7 +547,8 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
         def measure(mode: str, server: serverctl.VllmServer, k: int) -> None:
             time.sleep(args.settle_s)  # vLLM's engine busy-waits ~1 s after its last step: let it stop
             name = server.served_model()
-            before = _wait_for_log_count(server, sent[id(server)], 5.0) if mode == "on" else None
+            plugin_on = mode == "on" and not args.aa
+            before = _wait_for_log_count(server, sent[id(server)], 5.0) if plugin_on else None
             bodies = throughput_bodies(name, vocabulary, args.requests, args.prompt_tokens, args.max_tokens, seed=k)
             load0 = load_average()
             by_proc0 = server.cpu_time_by_process() if Path("/proc").is_dir() else {}
@@ -552,7 +560,7 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
             cpu_by_process = {pname: 1e3 * (t - by_proc0.get(pname, 0.0)) / max(1, stats.n_ok)
                               for pname, t in by_proc1.items()}
             sent[id(server)] += len(bodies)
-            after = _wait_for_log_count(server, sent[id(server)], 15.0) if mode == "on" else None
+            after = _wait_for_log_count(server, sent[id(server)], 15.0) if plugin_on else None
             run = {
                 "pair": k, "mode": mode, "requests_per_s": stats.requests_per_s,
                 "output_tokens_per_s": stats.output_tokens_per_s, "n_ok": stats.n_ok,
@@ -591,6 +599,9 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
     summary = summarize_throughput(runs, args.max_tokens)
     total_s = time.perf_counter() - t_start
     print()
+    if args.aa:
+        print("A/A CONTROL (--aa): the plugin is OFF in both arms; read 'on' as 'off, second arm'. The pair "
+              "ratios' spread is this design's noise floor on this machine.")
     print(f"vLLM throughput with the llmco2 plugin off vs on: {args.requests} completions of {args.max_tokens} "
           f"token(s), {args.prompt_tokens}-token prompts, concurrency {args.concurrency}, warm-up {args.warmup}, "
           f"{args.pairs} pair(s) of runs (ABBA, one server at a time), OTLP {'on' if args.otlp else 'off'}; "
@@ -602,21 +613,22 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
     print(f"throughput (median of runs): plugin off {_fmt(summary['off_requests_per_s'], '.1f')} req/s, "
           f"plugin on {_fmt(summary['on_requests_per_s'], '.1f')} req/s")
     print(f"on/off ratio (median of pairs {', '.join(f'{x:.3f}' for x in summary['pair_ratios'])}): "
-          f"{_fmt(ratio, '.3f')} (target >= {target:g}: {'PASS' if ratio is not None and ratio >= target else 'FAIL'})")
+          f"{_fmt(ratio, '.3f')} " + ("(A/A control: no target)" if args.aa else
+                                 f"(target >= {target:g}: {'PASS' if ratio is not None and ratio >= target else 'FAIL'})"))
     cost = summary["plugin_mean_ms"]
     print(f"plugin's mean prediction time under this load (its own log line): {_fmt(cost, '.3f')} ms/request")
     delta = summary["api_cpu_delta_ms"]
     print(f"API-server CPU per request: off {_fmt(summary['off_api_server_cpu_ms_per_request'], '.3f')} ms, "
           f"on {_fmt(summary['on_api_server_cpu_ms_per_request'], '.3f')} ms; plugin's API-side cost = paired "
           f"on - off difference (median of {', '.join(f'{x:+.3f}' for x in summary['pair_api_cpu_delta_ms'])}): "
-          f"{_fmt(delta, '+.3f')} ms/request (target <= {TARGET_API_COST_MS:g} ms: "
-          f"{'-' if delta is None else 'PASS' if delta <= TARGET_API_COST_MS else 'FAIL'})")
+          f"{_fmt(delta, '+.3f')} ms/request " + ("(A/A control: no target)" if args.aa else
+          f"(target <= {TARGET_API_COST_MS:g} ms: {'-' if delta is None else 'PASS' if delta <= TARGET_API_COST_MS else 'FAIL'})"))
     print(f"server CPU per request (median): off {_fmt(summary['off_server_cpu_ms_per_request'], '.2f')} ms, "
           f"on {_fmt(summary['on_server_cpu_ms_per_request'], '.2f')} ms; failed requests {summary['failed']}; "
           f"total {total_s:.0f} s")
-    if any(r["mode"] == "on" and r["responses_with_llmco2_header"] == 0 for r in runs):
+    if not args.aa and any(r["mode"] == "on" and r["responses_with_llmco2_header"] == 0 for r in runs):
         print("warning: a plugin-on run had no x-llmco2 header: the plugin did not run")
-    if any(r["mode"] == "off" and r["responses_with_llmco2_header"] > 0 for r in runs):
+    if any((r["mode"] == "off" or args.aa) and r["responses_with_llmco2_header"] > 0 for r in runs):
         print("warning: a plugin-off run answered with x-llmco2 headers: the plugin was not switched off")
     if args.json is not None:
         result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
