@@ -4,7 +4,8 @@
   ``step_finished``, ``finished``, ``pop_final``) at 32 and 128 rows per step under vLLM's step
   pattern (async scheduling, chunked prefill mixed with decode, churn over 100k requests) with TP=8
   fake NVML devices whose counters behave like the real one (mJ, 100 ms updates, offset phases);
-* API server, per request: ``EnergyService.on_request`` (prediction) + ``on_finished`` (span attributes).
+* API server, per request: ``EnergyService.on_request`` (prediction) + ``on_finished`` (span attributes);
+  and with the measurement on: + the engine's first answer and final value (``on_engine_finals``).
 
 Compare with vLLM's own step time (a Llama-3.1-8B decode step at batch 32 on an H100 is ~15-25 ms):
 the engine-core cost is serial with the step, so cost / step time is the throughput loss bound.
@@ -133,6 +134,37 @@ def api_request_us(n: int = 2000) -> float:
     return (time.perf_counter() - t) / n * 1e6
 
 
+def api_request_measured_us(n: int = 16000, batch: int = 16) -> float:
+    """API server, per request with the measurement on (NVML on a GPU): the prediction, the engine's
+    first answer (decoded from its trace header, span attributes, output-length learning) and the
+    final value (``on_engine_finals``: measured metrics, Prometheus series, relative errors, the
+    calibrator's request observation), ``batch`` requests per engine message as under load."""
+    from llmco2_serve.runtime.service import decode_measured, encode_measured
+    from llmco2_serve.runtime.attribution import MeasuredEnergy
+
+    settings = load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_GPU": "H100"})
+    svc = EnergyService(settings, ModelInfo(LLAMA_8B, "llama-3.1-8b", max_model_len=8192, max_num_seqs=256),
+                        gpu_names=[], prediction_table="now")
+    first = encode_measured(MeasuredEnergy(request_id="x", prefill_energy_j=1.0, decode_energy_j=5.0, energy_j=6.0,
+                                           uncertainty_j=0.5, estimated_energy_j=5.5, source="nvml", n_steps=3,
+                                           n_preemptions=0, aborted=False, final=False), 1)
+
+    def run(count: int, base: int) -> None:
+        for s in range(base, base + count, batch):
+            ids = [f"q{i}" for i in range(s, s + batch)]
+            for rid in ids:
+                svc.on_request(rid, 16, 1, running_requests=32)
+            for rid in ids:
+                svc.on_finished(rid, 1, decode_measured(first), span=False)
+            finals = [[rid, 0.9, 4.8, 0.5, 5.5, "nvml", 3, 0, False, 30.2, None, 1] for rid in ids]
+            svc.on_engine_finals(json.dumps({"finals": finals}, separators=(",", ":")))
+
+    run(n // 4, 0)  # warm: the calibrator and the output-length model past their first observations
+    t = time.perf_counter()
+    run(n, 10**7)
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")
@@ -147,6 +179,9 @@ def main() -> None:
               f"poller thread (reads, windows): {r['background_us_per_step']:.1f} us per step")
     result["api_per_request_us"] = api_request_us()
     print(f"API server, per request (predict + span attributes): {result['api_per_request_us']:.0f} us")
+    result["api_per_request_measured_us"] = api_request_measured_us()
+    print(f"API server, per request with the measurement on (predict, first answer, final value, Prometheus, "
+          f"calibration): {result['api_per_request_measured_us']:.0f} us")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -135,6 +135,29 @@ def test_null_reader_gives_unavailable():
     assert a.source == "unavailable" and math.isnan(a.energy_j) and m.source == "unavailable"
 
 
+@pytest.mark.parametrize("values,source,final", [
+    ((1.0123456789, 5.0, 6.0123456789, 0.5, 5.5), "nvml", False),
+    ((0.0, -0.0, 1e-12, 3.3e-10, 123456789.123456789), "fake-partial", True),
+    ((math.nan, math.nan, math.nan, math.nan, math.nan), "unavailable", False),
+    ((2.5, 0.1, 2.6, 0.01, 0.0), 'odd "source" \\ with unicode \u00e9\u6f22', True),
+])
+def test_first_answer_text_is_what_json_dumps_makes(values, source, final):
+    # Truth: the standard library's JSON encoder on the documented fields (NaN as null, joules
+    # rounded to 1e-9); encode_measured writes the text by hand for speed on the step thread.
+    from llmco2_serve.runtime.attribution import MeasuredEnergy
+
+    pre, dec, energy, unc, est = values
+    m = MeasuredEnergy(request_id="r", prefill_energy_j=pre, decode_energy_j=dec, energy_j=energy, uncertainty_j=unc,
+                       estimated_energy_j=est, source=source, n_steps=12, n_preemptions=1, aborted=False, final=final)
+    num = lambda x: None if x != x else round(float(x), 9)  # noqa: E731
+    expected = json.dumps({"prefill_energy_j": num(pre), "decode_energy_j": num(dec), "energy_j": num(energy),
+                           "uncertainty_j": num(unc), "source": source, "final": final,
+                           "estimated_energy_j": num(est), "n_steps": 12, "n_preemptions": 1, "gen_tokens": 7},
+                          separators=(",", ":"))
+    assert encode_measured(m, 7) == expected
+    assert decode_measured(encode_measured(m, 7))["source"] == source
+
+
 def test_measured_wire_format_round_trip():
     m, clock = meter()
     run(m, clock, [[("A", "prefill", 2, 0)]])
@@ -548,6 +571,53 @@ def test_predicted_metrics_are_recorded_in_sums(predictor, tmp_path):
     assert got[("llmco2.co2", None, "predicted")] == pytest.approx(sum(p.co2_g for p in preds))
     svc.flush_metrics()  # nothing new: the totals stay
     assert points()[("llmco2.energy", "prefill", "predicted")] == pytest.approx(sum(p.prefill_energy_j for p in preds))
+
+
+def test_measured_counters_of_one_engine_message_are_its_final_values_sums(predictor, tmp_path):
+    """The final values of one engine message are added to the measured counters as sums (one add
+    per instrument and source); the totals must be what each value adds up to, per source, and the
+    relative-error histograms still get one observation per request. Truth: the rows' own numbers."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import CollectorRegistry
+
+    from llmco2_serve.reporting.prometheus import PrometheusMetrics
+    from llmco2_serve.runtime.telemetry import EnergyMetrics
+
+    reader = InMemoryMetricReader()
+    metrics = EnergyMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    svc = service(predictor, tmp_path, metrics=metrics, LLMCO2_PUE="1.0", LLMCO2_CARBON_INTENSITY_G_PER_KWH="360")
+    registry = CollectorRegistry()
+    svc.prometheus = PrometheusMetrics(registry)
+    rows = [["a", 1.0, 2.0, 0.1, 0.0, "nvml", 5, 0, False, 3.0, 0, 5],
+            ["b", 0.5, 4.0, 0.1, 0.0, "nvml", 5, 0, False, 3.0, 0, 5],
+            ["c", 0.25, 1.0, 0.1, 0.0, "nvml-partial", 5, 0, False, 3.0, 0, 5]]
+    for r in rows[:2]:  # finished on the API side: their relative errors are known
+        svc.on_request(r[0], 20, 5, 0)
+        svc.on_finished(r[0], 5, {"prefill_energy_j": r[1], "decode_energy_j": r[2], "energy_j": r[1] + r[2],
+                                  "uncertainty_j": 0.1, "source": "nvml", "final": True}, span=False)
+    assert svc.on_engine_finals(json.dumps({"finals": rows})) == 3
+    got = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for dp in m.data.data_points:
+                    a = dp.attributes
+                    if a.get("kind") == "measured":
+                        got[(m.name, a.get("source"), a.get("phase"))] = dp.value
+                    elif m.name == "llmco2.prediction.relative_error":
+                        got[(m.name, a.get("phase"))] = dp.count
+    assert got[("llmco2.energy", "nvml", "prefill")] == pytest.approx(1.5)
+    assert got[("llmco2.energy", "nvml", "decode")] == pytest.approx(6.0)
+    assert got[("llmco2.energy", "nvml-partial", "decode")] == pytest.approx(1.0)
+    assert got[("llmco2.co2", "nvml", None)] == pytest.approx(7.5 * 360 / 3.6e6)  # 360 g/kWh, PUE 1
+    assert got[("llmco2.prediction.relative_error", "total")] == 2  # one per request whose prediction is known
+    value = registry.get_sample_value
+    assert value("llmco2_energy_joules_total", {"model_name": MODEL.model_name, "kind": "measured",
+                                                "phase": "decode"}) == pytest.approx(7.0)
+    assert value("llmco2_requests_total", {"model_name": MODEL.model_name, "kind": "measured"}) == 3
+    assert sum(value("llmco2_prediction_relative_error_count", {"model_name": MODEL.model_name, "phase": "total",
+                                                     "direction": d}) or 0 for d in ("over", "under", "exact")) == 2
 
 
 def test_a_final_value_that_arrives_before_its_request_finished_is_kept_for_it(predictor, tmp_path):

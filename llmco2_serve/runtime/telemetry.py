@@ -333,12 +333,15 @@ class EnergyMetrics:
         co2_g: float | None,
         predicted_prefill_energy_j: float | None = None,
         predicted_decode_energy_j: float | None = None,
+        counters: bool = True,
     ) -> dict[str, float]:
         """Add one request's measured energy and CO2 (None/NaN: not measured, skipped).
 
         Records the relative error for every phase whose prediction and measurement are
         both known with measured > 0, and for "total" when both phases are; returns those
-        signed errors, (predicted - measured) / measured, keyed by phase.
+        signed errors, (predicted - measured) / measured, keyed by phase. ``counters=False``:
+        the relative errors only (the caller adds the energy and CO2 of several requests in one
+        call, as their sum: the counters are cumulative, so the exported totals are the same).
         """
         model = _non_empty_str("model", model)
         base = {"model": model, "kind": "measured", "source": _non_empty_str("source", source)}
@@ -352,11 +355,12 @@ class EnergyMetrics:
         }
         co2 = _optional_non_negative("co2_g", co2_g)
 
-        for phase, energy in measured.items():
-            if energy is not None:
-                self._energy_j.add(energy, {**base, "phase": phase})
-        if co2 is not None:
-            self._co2_g.add(co2, base)
+        if counters:
+            for phase, energy in measured.items():
+                if energy is not None:
+                    self._energy_j.add(energy, {**base, "phase": phase})
+            if co2 is not None:
+                self._co2_g.add(co2, base)
 
         pairs: dict[str, tuple[float | None, float | None]] = {
             phase: (predicted[phase], measured[phase]) for phase in ("prefill", "decode")
