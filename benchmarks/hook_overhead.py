@@ -120,11 +120,15 @@ def engine_step_us(batch: int, n_requests: int = 100_000, tp: int = 8, chunk: in
             "live_ledger_entries_at_end": meter.attributor.live_requests}
 
 
-def api_request_us(n: int = 2000) -> float:
+def _llama_service() -> EnergyService:
     settings = load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_GPU": "H100"})
     # prediction_table="now": the server's hot path once its start-up table is built (not a race with it)
-    svc = EnergyService(settings, ModelInfo(LLAMA_8B, "llama-3.1-8b", max_model_len=8192, max_num_seqs=256),
-                        gpu_names=[], prediction_table="now")
+    return EnergyService(settings, ModelInfo(LLAMA_8B, "llama-3.1-8b", max_model_len=8192, max_num_seqs=256),
+                         gpu_names=[], prediction_table="now")
+
+
+def api_request_us(n: int = 2000) -> float:
+    svc = _llama_service()
     measured = {"prefill_energy_j": 1.0, "decode_energy_j": 5.0, "energy_j": 6.0, "uncertainty_j": 0.5,
                 "source": "nvml"}
     t = time.perf_counter()
@@ -142,9 +146,7 @@ def api_request_measured_us(n: int = 16000, batch: int = 16) -> float:
     from llmco2_serve.runtime.service import decode_measured, encode_measured
     from llmco2_serve.runtime.attribution import MeasuredEnergy
 
-    settings = load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_GPU": "H100"})
-    svc = EnergyService(settings, ModelInfo(LLAMA_8B, "llama-3.1-8b", max_model_len=8192, max_num_seqs=256),
-                        gpu_names=[], prediction_table="now")
+    svc = _llama_service()
     first = encode_measured(MeasuredEnergy(request_id="x", prefill_energy_j=1.0, decode_energy_j=5.0, energy_j=6.0,
                                            uncertainty_j=0.5, estimated_energy_j=5.5, source="nvml", n_steps=3,
                                            n_preemptions=0, aborted=False, final=False), 1)

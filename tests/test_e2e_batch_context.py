@@ -11,13 +11,12 @@ clients, before the fix, DP 2 predicted 1.66x the engine's batch (median).
 
 from __future__ import annotations
 
-import json
-import time
-
 import pytest
 
 from llmco2_serve.devtools.demo import post_completion
-from llmco2_serve.devtools.e2e import PluginServer, closed_loop_completions, steady_batch_context_ratio
+from llmco2_serve.devtools.e2e import (
+    PluginServer, closed_loop_completions, steady_batch_context_ratio, wait_for_pairs,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 vllm = pytest.importorskip("vllm")
@@ -33,7 +32,7 @@ def test_predicted_batch_context_is_the_engines_batch_under_data_parallelism(tmp
     with PluginServer(tmp_path, env, extra_args=["--data-parallel-size", "2"], tracing=False) as srv:
         statuses = closed_loop_completions(srv.base_url, REQUESTS, CLIENTS)
         assert statuses.count(200) == REQUESTS, statuses
-        assert len(_rows(pairs, REQUESTS)) == REQUESTS
+        assert len(wait_for_pairs(pairs, REQUESTS, 60.0)) == REQUESTS
         # The n children of one request, on an idle server: vLLM's DP client sends each to the
         # least-loaded engine (an exact in-flight count), so 4 children run 2 per engine. The
         # prediction assumes that (ceil(4 / 2) = 2); the engines' own record (mean_batch) says
@@ -41,7 +40,7 @@ def test_predicted_batch_context_is_the_engines_batch_under_data_parallelism(tmp
         r = post_completion(srv.base_url, {"model": "tiny-llama", "prompt": "siblings " * 6, "max_tokens": 8,
                                            "ignore_eos": True, "n": 4})
         assert r.status == 200, r
-        children = _rows(pairs, REQUESTS + 4)[REQUESTS:]
+        children = wait_for_pairs(pairs, REQUESTS + 4, 60.0)[REQUESTS:REQUESTS + 4]
         log = srv.log_path.read_text()
     ratio, n = steady_batch_context_ratio(pairs, CLIENTS)
     print(f"DP 2: predicted / engine batch, median of {n}: {ratio:.3f}")
@@ -56,13 +55,3 @@ def test_predicted_batch_context_is_the_engines_batch_under_data_parallelism(tmp
     lines = [line.split("] ", 1)[-1] for line in log.splitlines() if "predictions, mean" in line]
     assert lines and len(lines) == len(set(lines)), lines
 
-
-def _rows(pairs, n: int, timeout_s: float = 60.0) -> list[dict]:
-    """The first ``n`` rows of the pairs file, waiting for their final values (fake counter
-    updates) to be written."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lines = [line for line in pairs.read_text().splitlines() if line.strip()] if pairs.exists() else []
-        if len(lines) >= n or time.monotonic() > deadline:
-            return [json.loads(line) for line in lines[:n]]
-        time.sleep(0.5)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from llmco2_serve.devtools.e2e import PluginServer
+from llmco2_serve.devtools.e2e import PluginServer, wait_for_pairs
 from llmco2_serve.devtools.serverctl import free_port
 from llmco2_serve.reporting import dashboard as dash
 from llmco2_serve.reporting.prometheus import exported_series
@@ -141,15 +141,6 @@ def _load(base: str) -> list[dict]:
     return out
 
 
-def _pairs(path: Path, n: int, timeout_s: float = 30) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.5)
-
-
 def _eventually(prom: Prometheus, promql: str, want: float, rel: float, timeout_s: float = 40) -> float | None:
     """The query's value once it is within ``rel`` of ``want`` (predicted sums reach the counters
     within ~1 s of a request or at the stat logger's 10 s tick), else the last value seen."""
@@ -185,7 +176,7 @@ def test_predicted_series_equal_the_response_headers(run):
 
 def test_measured_series_equal_the_pairs_file(run):
     prom = run["prom"]
-    rows = _pairs(run["pairs"], N_REQUESTS)
+    rows = wait_for_pairs(run["pairs"], N_REQUESTS)
     assert len(rows) == N_REQUESTS, len(rows)  # every request completed and was measured (fake counter)
     measured = sum(r["request_energy_j"] for r in rows)
     got = _eventually(prom, 'sum(llmco2_energy_joules_total{kind="measured"})', measured, 1e-6)
@@ -207,7 +198,7 @@ def test_measured_series_equal_the_pairs_file(run):
 
 def test_books_close_and_gauges_say_the_settings(run):
     prom = run["prom"]
-    _pairs(run["pairs"], N_REQUESTS)
+    wait_for_pairs(run["pairs"], N_REQUESTS)
     time.sleep(2.5)  # one more books message and scrape after the last final value
     ratio = prom.value("(sum(llmco2_energy_joules_total{kind=\"measured\"}) + sum(llmco2_idle_energy_joules_total)"
                        " + sum(llmco2_unreported_energy_joules_total)) / sum(llmco2_gpu_energy_joules_total)")
@@ -256,7 +247,7 @@ def test_promtool_accepts_the_scrape(run):
 
 def test_every_dashboard_query_returns_data(run):
     prom = run["prom"]
-    _pairs(run["pairs"], N_REQUESTS)
+    wait_for_pairs(run["pairs"], N_REQUESTS)
     board = dash.build_dashboard()
     assert dash.check(board) == []
     admitted = prom.query('llmco2_admission_decisions_total{decision="admit"}')

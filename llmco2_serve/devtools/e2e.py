@@ -15,6 +15,7 @@ import queue
 import statistics
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -121,6 +122,18 @@ def closed_loop_completions(base_url: str, n_requests: int, clients: int, *, max
     for t in threads:
         t.join(timeout_s * n_requests)
     return statuses
+
+
+def wait_for_pairs(pairs_path: Path, n: int, timeout_s: float = 30.0) -> list[dict]:
+    """The rows of a pairs file once it has at least ``n`` (final values are written about one
+    counter period after a request finishes), or what it has after ``timeout_s``."""
+    path = Path(pairs_path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 def steady_batch_context_ratio(pairs_path: Path, clients: int, first_row: int = 0) -> tuple[float, int]:

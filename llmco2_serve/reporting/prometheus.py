@@ -211,19 +211,22 @@ class PrometheusMetrics:
         self._add(CO2, embodied_co2_g, model_name=model, kind="predicted", scope="embodied")
         self._add(REQUESTS, requests, model_name=model, kind="predicted")
 
-    def record_measured(self, *, model: str, prefill_energy_j: float | None, decode_energy_j: float | None,
-                        operational_co2_g: float | None, relative_errors: Mapping[str, float] | None = None,
+    def record_measured(self, *, model: str, prefill_energy_j: float, decode_energy_j: float,
+                        operational_co2_g: float, relative_errors: Mapping[str, float] | None = None,
                         requests: int = 1) -> None:
-        """Final measured values: the energy and CO2 of ``requests`` requests (their sums; None: no
-        counter update, e.g. when the caller adds them later as a sum), and one request's
-        ``relative_errors``: signed (predicted - measured) / measured per phase (prefill, decode,
+        """Final measured values: the energy and CO2 of ``requests`` requests (their sums), and
+        one request's ``relative_errors`` (:meth:`record_relative_errors`), if given."""
+        self._add(ENERGY, prefill_energy_j, model_name=model, kind="measured", phase="prefill")
+        self._add(ENERGY, decode_energy_j, model_name=model, kind="measured", phase="decode")
+        self._add(CO2, operational_co2_g, model_name=model, kind="measured", scope="operational")
+        self._add(REQUESTS, requests, model_name=model, kind="measured")
+        if relative_errors:
+            self.record_relative_errors(model=model, relative_errors=relative_errors)
+
+    def record_relative_errors(self, *, model: str, relative_errors: Mapping[str, float]) -> None:
+        """One request's signed (predicted - measured) / measured per phase (prefill, decode,
         total), as the OTel instruments computed them."""
-        if requests:
-            self._add(ENERGY, prefill_energy_j, model_name=model, kind="measured", phase="prefill")
-            self._add(ENERGY, decode_energy_j, model_name=model, kind="measured", phase="decode")
-            self._add(CO2, operational_co2_g, model_name=model, kind="measured", scope="operational")
-            self._add(REQUESTS, requests, model_name=model, kind="measured")
-        for phase, err in (relative_errors or {}).items():
+        for phase, err in relative_errors.items():
             if isinstance(err, (int, float)) and math.isfinite(err):
                 direction = "over" if err > 0 else "under" if err < 0 else "exact"
                 self._child(RELATIVE_ERROR.name,

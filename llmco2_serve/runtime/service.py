@@ -248,7 +248,7 @@ _json_string = json.encoder.encode_basestring_ascii  # json.dumps' own (ensure_a
 def _json_number_text(x: float) -> str:
     """:func:`json_number` as JSON text: ``null`` for NaN (and, unlike json.dumps, for infinities,
     which JSON has no word for either)."""
-    return repr(round(float(x), 9)) if math.isfinite(x) else "null"
+    return repr(json_number(x)) if math.isfinite(x) else "null"
 
 
 def encode_measured(m: MeasuredEnergy, gen_tokens: int, source_suffix: str = "") -> str:
@@ -644,7 +644,9 @@ class EnergyService:
                     self.finals_missed += 1
             early = self._early_finals.pop(request_id, None)
         if early is not None:
-            self._take_final(early)
+            sums: dict[str, list] = {}
+            self._take_final(early, sums)
+            self._add_measured_sums(sums)
         if pred is not None and gen_tokens is not None and gen_tokens >= 0:
             self.output_lengths.observe(self.model.model_name, int(gen_tokens), pred.max_tokens)
         if not span:
@@ -769,10 +771,9 @@ class EnergyService:
                 self.prometheus.record_measured(model=model, prefill_energy_j=pre, decode_energy_j=dec,
                                                 operational_co2_g=co2, requests=count)
 
-    def _take_final(self, row: Sequence[Any], sums: dict[str, list] | None = None) -> None:
-        """One final value: measured metrics, relative error and a retraining pair. ``sums``: add
-        its measured counters there (the caller adds them with :meth:`_add_measured_sums`) rather
-        than now."""
+    def _take_final(self, row: Sequence[Any], sums: dict[str, list]) -> None:
+        """One final value: relative errors, calibration and a retraining pair; its measured
+        counters go into ``sums`` (the caller adds them with :meth:`_add_measured_sums`)."""
         rid, pre, dec, unc, est, source, n_steps, n_pre, aborted = row[:9]
         extra = row[9:]
         mean_batch = float(extra[0]) if len(extra) > 0 and extra[0] is not None else None
@@ -801,25 +802,18 @@ class EnergyService:
             model=self.model.model_name, source=source, prefill_energy_j=pre_j, decode_energy_j=dec_j, co2_g=co2,
             predicted_prefill_energy_j=pred.prefill_energy_j if pred is not None and completed else None,
             predicted_decode_energy_j=pred.decode_energy_j if pred is not None and completed else None,
-            counters=sums is None)
-        if sums is not None:
-            acc = sums.get(source)
-            if acc is None:
-                sums[source] = [1, pre_j, dec_j, co2]
-            else:
-                acc[0] += 1
-                acc[1] += pre_j
-                acc[2] += dec_j
-                acc[3] += co2
-        if self.prometheus is not None:
-            if sums is None:
-                self.prometheus.record_measured(model=self.model.model_name, prefill_energy_j=pre_j,
-                                                decode_energy_j=dec_j, operational_co2_g=co2, relative_errors=errors)
-            elif errors:
-                self.prometheus.record_measured(model=self.model.model_name, prefill_energy_j=None,
-                                                decode_energy_j=None, operational_co2_g=None,
-                                                relative_errors=errors, requests=0)
-        self.measured_energy_j += max(0.0, pre) + max(0.0, dec)
+            counters=False)
+        acc = sums.get(source)
+        if acc is None:
+            sums[source] = [1, pre_j, dec_j, co2]
+        else:
+            acc[0] += 1
+            acc[1] += pre_j
+            acc[2] += dec_j
+            acc[3] += co2
+        if self.prometheus is not None and errors:
+            self.prometheus.record_relative_errors(model=self.model.model_name, relative_errors=errors)
+        self.measured_energy_j += pre_j + dec_j
         fv_hook = self.final_value_hook
         if fv_hook is not None:  # admission control settles the request's budget reservation
             try:
