@@ -29,6 +29,7 @@ class _Req:
     def __init__(self, rid: str, prompt: int, target: int) -> None:
         self.request_id, self.num_prompt_tokens, self.num_computed_tokens = rid, prompt, 0
         self.num_output_tokens, self.target = 0, target
+        self.recompute_to = 0  # after a preemption: tokens to compute again (prompt + outputs - 1)
 
 
 class _Sched:
@@ -43,7 +44,9 @@ class _Out:
 
 
 def _run(predictor, lookahead: bool, seed: int, n_requests: int = 300, batch: int = 12):
-    """Drive one background-mode meter; returns ({rid: first answer}, {rid: final}, meter)."""
+    """Drive one background-mode meter; returns ({rid: first answer}, {rid: final}, meter, number of
+    steps in which a request had two rows: a recompute after preemption crossing its prompt's end,
+    {rid: preemptions})."""
     clock = ManualClock()
     reader = FakeEnergyReader([300.0, 310.0], clock=clock, update_period_s=0.05, phase_s=[0.0, 0.021])
     meter = EngineMeter(reader, predictor, clock=clock, background_reads=True)
@@ -51,6 +54,9 @@ def _run(predictor, lookahead: bool, seed: int, n_requests: int = 300, batch: in
         meter.attributor.lookahead = lambda *a, **k: None  # record the queued steps, then answer
     rng = np.random.default_rng(seed)
     poll = np.random.default_rng(seed + 1)  # the poller's timing: 0-3 steps queued at a finish
+    preempt = np.random.default_rng(seed + 2)  # preemptions: the request recomputes from token 0
+    two_rows = 0
+    preemptions: dict[str, int] = {}
     sched, firsts, finals = _Sched(), {}, {}
     started = done_n = step = 0
     prev = None
@@ -63,16 +69,23 @@ def _run(predictor, lookahead: bool, seed: int, n_requests: int = 300, batch: in
             started += 1
         scheduled = {}
         for r in sched.requests.values():
-            n = min(256, r.num_prompt_tokens - r.num_computed_tokens) if r.num_computed_tokens < r.num_prompt_tokens else 1
+            if r.num_output_tokens >= 2 and preempt.random() < 0.02:  # preempted, resumed at once
+                meter.preempted(r.request_id)
+                preemptions[r.request_id] = preemptions.get(r.request_id, 0) + 1
+                r.num_computed_tokens, r.recompute_to = 0, r.num_prompt_tokens + r.num_output_tokens - 1
+            upto = max(r.num_prompt_tokens, r.recompute_to)
+            n = min(256, upto - r.num_computed_tokens) if r.num_computed_tokens < upto else 1
             r.num_computed_tokens += n
             scheduled[r.request_id] = n
-        meter.step_started(step, step_rows(sched, _Out(scheduled)))
+        rows = step_rows(sched, _Out(scheduled))
+        two_rows += len(rows) - len({row[0] for row in rows})
+        meter.step_started(step, rows)
         clock.advance(float(rng.uniform(0.004, 0.03)))
         if prev is not None:  # async: step N finishes after N+1 was scheduled
             meter.step_finished(prev)
         finished = []
         for r in sched.requests.values():
-            if r.num_computed_tokens >= r.num_prompt_tokens:
+            if r.num_computed_tokens >= max(r.num_prompt_tokens, r.recompute_to):
                 r.num_output_tokens += 1
                 if r.num_output_tokens >= r.target:
                     finished.append(r.request_id)
@@ -94,7 +107,7 @@ def _run(predictor, lookahead: bool, seed: int, n_requests: int = 300, batch: in
         meter.idle_tick()
         for m in meter.pop_final():
             finals[m.request_id] = m
-    return firsts, finals, meter
+    return firsts, finals, meter, two_rows, preemptions
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +117,23 @@ def predictor():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lookahead_answers_equal_recording_first(predictor, seed):
-    firsts, finals, meter = _run(predictor, lookahead=True, seed=seed)
-    ref_firsts, ref_finals, ref_meter = _run(predictor, lookahead=False, seed=seed)
+    firsts, finals, meter, two_rows, preemptions = _run(predictor, lookahead=True, seed=seed)
+    ref_firsts, ref_finals, ref_meter, _, _ = _run(predictor, lookahead=False, seed=seed)
     assert set(firsts) == set(ref_firsts) and len(firsts) == 300
+    assert two_rows > 0  # recomputes crossing the prompt's end (a request with two rows in a step)
     for rid, ref in ref_firsts.items():
         got = firsts[rid]
         for field in ("prefill_energy_j", "decode_energy_j", "estimated_energy_j", "uncertainty_j", "mean_batch"):
             assert getattr(got, field) == pytest.approx(getattr(ref, field), rel=1e-9, abs=1e-12, nan_ok=True), (rid, field)
-        assert (got.n_steps, got.aborted, got.source) == (ref.n_steps, ref.aborted, ref.source), rid
+        assert (got.n_steps, got.n_preemptions, got.aborted, got.source) == (
+            ref.n_steps, ref.n_preemptions, ref.aborted, ref.source), rid
     # every request got exactly one final value, and the same one
     assert set(finals) == set(ref_finals) == set(firsts)
     for rid, ref in ref_finals.items():
         assert finals[rid].energy_j == pytest.approx(ref.energy_j, rel=1e-9, abs=1e-12, nan_ok=True), rid
         assert finals[rid].final
+        # preemptions: what the driver did, also to requests whose steps were all still queued
+        assert finals[rid].n_preemptions == ref.n_preemptions == preemptions.get(rid, 0), rid
     # the lookahead path was taken (requests finished with steps queued), and nothing is left behind
     assert meter.attributor.live_requests == 0 == ref_meter.attributor.live_requests
     assert meter.totals()["total_j"] == pytest.approx(ref_meter.totals()["total_j"], rel=1e-12)

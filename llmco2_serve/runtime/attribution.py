@@ -663,8 +663,13 @@ class EnergyAttributor:
         token positions of the rows (prompt positions are prefill, later ones decode), so a
         resumed request that hits the prefix cache is charged for what it really recomputes."""
         req = self._reqs.get(request_id)
-        if req is not None:
-            self._counts[0, req.slot] += 1
+        if req is None:
+            if request_id in self._pending or request_id in self._recent_done_set:
+                return  # finished: nothing left to preempt
+            # its rows are not recorded yet (queued for the engine's poller): its entry now, as the
+            # first of them would make it, so that the preemption is counted
+            req = self._entry_for(request_id)
+        self._counts[0, req.slot] += 1
 
     def peek(self, request_id: str, aborted: bool | None = None,
              ahead: tuple[float, float, int, int] | None = None) -> MeasuredEnergy:
