@@ -4,6 +4,9 @@
   ``step_finished``, ``finished``, ``pop_final``) at 32 and 128 rows per step under vLLM's step
   pattern (async scheduling, chunked prefill mixed with decode, churn over 100k requests) with TP=8
   fake NVML devices whose counters behave like the real one (mJ, 100 ms updates, offset phases);
+* engine core, per request, when every request is one token long (issue 10's load): each step's
+  requests all finish while that step is still queued for the poller, so each first answer looks
+  ahead over it (``engine_one_token_us``); the pattern a served one-token load showed;
 * API server, per request: ``EnergyService.on_request`` (prediction) + ``on_finished`` (span attributes);
   and with the measurement on: + the engine's first answer and final value (``on_engine_finals``).
 
@@ -120,6 +123,48 @@ def engine_step_us(batch: int, n_requests: int = 100_000, tp: int = 8, chunk: in
             "live_ledger_entries_at_end": meter.attributor.live_requests}
 
 
+def engine_one_token_us(per_step: int = 10, n_steps: int = 3000, seed: int = 0) -> dict:
+    """Per-request cost of the engine-core hooks when every request is one token long (issue 10's
+    load): each step prefills ``per_step`` new requests, which all finish at that step's output,
+    while the step still waits in the queue for the poller (the step thread never waits for it: in a
+    server the poller gets the GIL only after the step thread's whole ``update_from_output``). So each
+    finishing request's first answer looks ahead over its queued step, its entry is new, and the
+    poller then records the step and delivers the finals. One fake counter updating every 50 ms
+    (``LLMCO2_ENERGY_READER=fake-work``'s period), steps of 3 ms; the poller runs after every
+    second step. Returns microseconds (thread CPU time) per request on the step thread (scheduler and
+    update hooks, ``finished`` + the first answer's JSON for each request, ``pop_final``) and on the
+    poller (``service_reads``)."""
+    from llmco2_serve.runtime.service import encode_measured
+
+    clock = ManualClock()
+    reader = FakeEnergyReader([300.0], clock=clock, update_period_s=0.05)
+    meter = EngineMeter(reader, Predictor.from_config(LLAMA_8B, gpu="h100"), clock=clock, background_reads=True)
+    rng = np.random.default_rng(seed)
+    step_s = poll_s = 0.0
+    n = 0
+    warm = n_steps // 10
+    for step in range(n_steps + warm):
+        rids = [f"r{step}-{i}" for i in range(per_step)]
+        rows = [(rid, "prefill", int(rng.integers(8, 64)), 0) for rid in rids]
+        t0 = _cpu()
+        meter.step_started(step, rows)
+        clock.advance(0.003)
+        meter.step_finished(step)
+        for rid in rids:
+            encode_measured(meter.finished(rid), 1)
+        meter.pop_final()
+        t1 = _cpu()
+        if step % 2:
+            meter.service_reads(0.0)
+        t2 = _cpu()
+        if step >= warm:
+            step_s += t1 - t0
+            poll_s += t2 - t1
+            n += per_step
+    return {"step_thread_us_per_request": step_s / n * 1e6, "poller_us_per_request": poll_s / n * 1e6,
+            "requests_per_step": per_step}
+
+
 def _llama_service() -> EnergyService:
     settings = load_settings({"LLMCO2_PAIRS_PATH": "", "LLMCO2_GPU": "H100"})
     # prediction_table="now": the server's hot path once its start-up table is built (not a race with it)
@@ -179,6 +224,11 @@ def main() -> None:
               f"async: {r['us_per_step']:6.1f} us per step (first 10%: {r['first_10pct_us']:.1f}, "
               f"last 10%: {r['last_10pct_us']:.1f}; {r['us_per_step'] / 200:.2f}% of a 20 ms GPU step); "
               f"poller thread (reads, windows): {r['background_us_per_step']:.1f} us per step")
+    for k in (1, 10, 32):
+        r = result[f"engine_one_token_{k}_per_step"] = engine_one_token_us(k)
+        print(f"engine core, one-token requests, {k:2d} finishing per step (each step still queued for the "
+              f"poller): {r['step_thread_us_per_request']:5.1f} us per request on the step thread, "
+              f"{r['poller_us_per_request']:5.1f} us on the poller thread")
     result["api_per_request_us"] = api_request_us()
     print(f"API server, per request (predict + span attributes): {result['api_per_request_us']:.0f} us")
     result["api_per_request_measured_us"] = api_request_measured_us()

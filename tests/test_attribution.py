@@ -111,6 +111,31 @@ def test_on_finished_estimates_open_window_then_delivers_final():
     assert_conserved(att)
 
 
+def test_reused_ledger_slots_start_from_zero():
+    # 300 requests one after another, each alone on the device for one counter period (5 steps of
+    # 20 ms at 300 W): each measures 30 J, whatever ran before it. The ledger's columns of
+    # finished requests are reused (reset in batches when the free ones run out): anything an
+    # earlier occupant left behind would show in the energy, the step count or the preemptions.
+    clock, _, att = make(300.0)
+    for i in range(300):
+        rid = f"r{i}"
+        for k in range(5):
+            t0 = 0.1 * i + 0.02 * k
+            item = work(rid, "prefill", 8, 0) if k == 0 else work(rid, "decode", 1, 7 + k)
+            step(att, clock, t0, t0 + 0.02, [item])
+            if k == 2 and i % 7 == 0:
+                att.on_preempted(rid)
+        m = att.on_finished(rid)
+        assert m.final, i
+        assert m.energy_j == pytest.approx(30.0), i
+        assert m.prefill_energy_j == pytest.approx(6.0), i
+        assert m.n_steps == 5 and m.mean_batch == pytest.approx(1.0), i
+        assert m.n_preemptions == (1 if i % 7 == 0 else 0), i
+    assert len(att.pop_finalized()) == 300
+    assert att.live_requests == 0
+    assert_conserved(att)
+
+
 def test_idle_floor_gives_a_short_step_its_higher_power():
     busy = (0.23, 0.25)  # 400 W during the step, 100 W idle otherwise
     clock, _, att = make(lambda t: 400.0 if busy[0] <= t < busy[1] else 100.0)

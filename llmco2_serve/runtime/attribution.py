@@ -400,29 +400,43 @@ class EnergyAttributor:
             self._counts[:, :old] = counts
             self._in_use[:old] = in_use
         self._free = list(range(cap - 1, old - 1, -1)) + getattr(self, "_free", [])
+        if not old:
+            self._dirty: list[int] = []  # released slots not yet zeroed (_new_slot)
         self._cap = cap
 
     def _new_slot(self) -> int:
-        if not self._free:
-            self._alloc_slots(2 * self._cap)
-        s = self._free.pop()
-        self._acc[:, s] = 0.0
-        self._snap[:, :, s] = 0.0
-        self._energy[:, s] = 0.0
-        self._lost[:, s] = 0.0
-        self._var[:, s] = 0.0
-        self._q_prev[:, s] = 0.0
-        self._win_prev[:, s] = -1
-        self._last_step[s] = -1
-        self._counts[:, s] = 0
+        free = self._free
+        if not free:
+            if self._dirty:  # released slots, zeroed together: a few vector ops per batch, not per request
+                self._zero_slots(self._dirty)
+                free.extend(self._dirty)
+                self._dirty = []
+            else:
+                self._alloc_slots(2 * self._cap)
+                free = self._free
+        s = free.pop()
         self._in_use[s] = True
         return s
+
+    def _zero_slots(self, slots: list[int]) -> None:
+        """Reset released slots' columns (as _alloc_slots makes them); nothing reads a slot that
+        is not in use, so this waits until the free slots run out."""
+        idx = np.array(slots, dtype=np.intp)
+        self._acc[:, idx] = 0.0
+        self._snap[:, :, idx] = 0.0
+        self._energy[:, idx] = 0.0
+        self._lost[:, idx] = 0.0
+        self._var[:, idx] = 0.0
+        self._q_prev[:, idx] = 0.0
+        self._win_prev[:, idx] = -1
+        self._last_step[idx] = -1
+        self._counts[:, idx] = 0
 
     def _release(self, req: _Req) -> None:
         s = req.slot
         if s >= 0:
             self._in_use[s] = False
-            self._free.append(s)
+            self._dirty.append(s)
             req.slot = -1
 
     # ---------------------------------------------------------------- public properties
@@ -572,14 +586,15 @@ class EnergyAttributor:
         """(weight -> mass factor, the step's mass) of a step of ``dur`` s and weights summing to ``wsum``."""
         return (1.0, wsum) if self._split_by_weight else (dur / wsum, dur)
 
-    def lookahead(self, request_id: str, steps: Sequence[tuple[float, float, Sequence[str], Sequence[bool], Any]]
+    def lookahead(self, request_id: str, steps: Sequence[tuple[float, float, Sequence[int], int, Sequence[bool], Any, float]]
                   ) -> tuple[float, float, int, int] | None:
-        """What recording ``steps`` (in order, each ``(start_s, end_s, request_ids, is_prefill, weights)``,
-        recorded at its end time, without a read) would add to ``request_id``'s entry: (prefill mass,
-        decode mass, steps, rows), exactly as :meth:`record_step` adds it, without recording them.
-        None when it cannot say (the counters failed, or the rows would go to the unreported
-        entry): record them instead. A request with no entry yet gets its entry now, as its first
-        recorded row would give it."""
+        """What recording ``steps`` (in order, each ``(start_s, end_s, hits, n_rows, is_prefill,
+        weights, weight_sum)``: ``hits`` the indices of ``request_id``'s rows among the step's
+        ``n_rows``, recorded at its end time, without a read) would add to ``request_id``'s entry:
+        (prefill mass, decode mass, steps, rows), exactly as :meth:`record_step` adds it, without
+        recording them. None when it cannot say (the counters failed, or the rows would go to the
+        unreported entry): record them instead. A request with no entry yet gets its entry now, as
+        its first recorded row would give it."""
         if self._failed:
             return None
         if request_id not in self._reqs and request_id not in self._pending:
@@ -589,16 +604,15 @@ class EnergyAttributor:
         boundary = self._boundary_t
         mass_p = mass_d = 0.0
         n_steps = n_rows = 0
-        for start_s, end_s, rids, is_prefill, weights in steps:
+        for start_s, end_s, hits, rows, is_prefill, weights, wsum in steps:
             dur = self._step_duration(start_s, end_s, end_s, boundary)
             boundary = end_s
-            hits = [i for i, r in enumerate(rids) if r == request_id]
             if not hits:
                 continue
             n_steps += len(hits)  # (a request with two rows in a step counts both, as record_step does)
-            n_rows += len(hits) * len(rids)
+            n_rows += len(hits) * rows
             if dur > 0.0:
-                scale, _ = self._mass_scale(dur, float(np.sum(weights)))
+                scale, _ = self._mass_scale(dur, wsum)
                 for i in hits:
                     if is_prefill[i]:
                         mass_p += float(weights[i]) * scale
@@ -681,14 +695,16 @@ class EnergyAttributor:
             return self._never_scheduled(request_id, bool(aborted), final=False)
         return self._result(req, final=False, aborted=aborted, ahead=ahead)
 
-    def on_finished(self, request_id: str, aborted: bool = False) -> MeasuredEnergy:
+    def on_finished(self, request_id: str, aborted: bool = False, answer: bool = True) -> MeasuredEnergy | None:
         """The request left the engine (finished or aborted). Returns at once: the open-window
-        part is estimated (``final=False``); the final value comes via pop_finalized/on_final."""
+        part is estimated (``final=False``); the final value comes via pop_finalized/on_final.
+        ``answer=False``: return None instead of the value so far (a deferred finish, whose first
+        answer went out already)."""
         req = self._reqs.pop(request_id, None)
         if req is None:
             req = self._pending.get(request_id)
             if req is not None:  # finished twice: keep the first
-                return self._result(req, final=False)
+                return self._result(req, final=False) if answer else None
             result = self._never_scheduled(request_id, aborted, final=True)  # 0 J
             self._deliver(result)
             return result
@@ -699,7 +715,7 @@ class EnergyAttributor:
             self._deliver(result)
             return result
         self._pending[request_id] = req
-        return self._result(req, final=False)
+        return self._result(req, final=False) if answer else None
 
     def pop_finalized(self) -> list[MeasuredEnergy]:
         """Final values of finished requests delivered since the last call (each once)."""
@@ -1017,23 +1033,23 @@ class EnergyAttributor:
         if aborted is None:
             aborted = req.aborted
         ahead_p, ahead_d, ahead_steps, ahead_rows = ahead if ahead is not None else (0.0, 0.0, 0, 0)
-        n_steps = int(self._acc[_STEPS, s]) + ahead_steps
+        acc = self._acc[:, s].tolist()  # one gather per array: called for every request, twice
+        n_steps = int(acc[_STEPS]) + ahead_steps
         n_pre = int(self._counts[0, s])
         n = self._n_devices
         if n == 0:
             return self._unavailable(req.rid, n_steps, n_pre, aborted, final)
-        energy_p = float(self._energy[0, s])
-        energy_d = float(self._energy[1, s])
-        if self._lost[2, s] > 0.0:
+        energy_p, energy_d = self._energy[:, s].tolist()
+        est_p, est_d, lost_mass = self._lost[:, s].tolist()
+        if lost_mass > 0.0:
             if energy_p == 0.0 and energy_d == 0.0:
                 return self._unavailable(req.rid, n_steps, n_pre, aborted, final)
             source = f"{self._reader_source}-partial"
         else:
             source = self._reader_source
-        est_p, est_d = float(self._lost[0, s]), float(self._lost[1, s])
         if not final:
             # open-window estimate, per device: k_d x its mass since d's last close (one gather)
-            acc_p, acc_d = float(self._acc[_MP, s]) + ahead_p, float(self._acc[_MD, s]) + ahead_d
+            acc_p, acc_d = acc[_MP] + ahead_p, acc[_MD] + ahead_d
             ks = self._k
             for d, (snap_p, snap_d) in enumerate(self._snap[:, _MP:_MD + 1, s].tolist()):
                 open_p = acc_p - snap_p
@@ -1050,14 +1066,14 @@ class EnergyAttributor:
             prefill_energy_j=prefill,
             decode_energy_j=decode,
             energy_j=prefill + decode,
-            uncertainty_j=sum(math.sqrt(v) for v in self._var[:, s].tolist()) + estimated,
+            uncertainty_j=sum(map(math.sqrt, self._var[:, s].tolist())) + estimated,
             estimated_energy_j=estimated,
             source=source,
             n_steps=n_steps,
             n_preemptions=n_pre,
             aborted=aborted,
             final=final,
-            mean_batch=(float(self._acc[_ROWS, s]) + ahead_rows) / n_steps if n_steps else 0.0,
+            mean_batch=(acc[_ROWS] + ahead_rows) / n_steps if n_steps else 0.0,
         )
 
     def _never_scheduled(self, rid: str, aborted: bool, final: bool) -> MeasuredEnergy:

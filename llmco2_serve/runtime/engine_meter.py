@@ -98,7 +98,7 @@ class EngineMeter:
         # them. A finishing request's value so far adds what its queued steps would add (the same
         # sums, attribution.lookahead), so its first answer is exact without recording them; the
         # queue is bounded (recorded inline when full: a stalled poller costs speed, never data).
-        self._queue: list[list] = []  # [start, end, rows, request ids, columns or None]
+        self._queue: list[list] = []  # [start, end, rows, request ids, columns, lookahead index] (None: not yet)
         self._deferred: dict[str, bool] = {}  # finished while in a step in flight -> aborted flag
         self._costs: StepCostModel | None = None
         self.steps = 0
@@ -200,7 +200,7 @@ class EngineMeter:
             read = now - self._last_read_t >= self.min_read_interval_s
             if read:
                 self._last_read_t = now
-            step = [item[0], now, item[1], item[2], None]
+            step = [item[0], now, item[1], item[2], None, None]
             if not self.background_reads:
                 self._record(step, read=read)
                 return
@@ -225,6 +225,23 @@ class EngineMeter:
             cols = item[4] = self._row_columns(item[2])
         return cols
 
+    def _ahead_step(self, item: list, request_id: str) -> tuple:
+        """A queued step as :meth:`EnergyAttributor.lookahead` takes it, for ``request_id``. Its row
+        index and weight sum are made once per step (cached in the item): with one-token requests
+        every request of a step finishes while the step is still queued, each asking for it."""
+        cols = self._columns(item)
+        rids = cols[0]
+        look = item[5]
+        if look is None:
+            look = item[5] = (dict(zip(rids, range(len(rids)))), float(cols[2].sum()))
+        index, wsum = look
+        if len(index) == len(rids):
+            i = index.get(request_id)
+            hits: Sequence[int] = () if i is None else (i,)
+        else:  # a request with two rows in the step (a recompute crossing its prompt's end)
+            hits = [i for i, r in enumerate(rids) if r == request_id]
+        return item[0], item[1], hits, len(rids), cols[1], cols[2], wsum
+
     def _record(self, item: list, read: bool) -> None:
         """Record one finished step (``[start, end, rows, rids, columns]``) in the attributor (under the lock)."""
         if self._work_feed is not None:
@@ -240,7 +257,7 @@ class EngineMeter:
         if self._deferred:
             for rid in [r for r in self._deferred if r in item[3]]:
                 if not self._holds(rid):
-                    self.attributor.on_finished(rid, aborted=self._deferred.pop(rid))
+                    self.attributor.on_finished(rid, aborted=self._deferred.pop(rid), answer=False)
 
     def _holds(self, rid: str) -> bool:
         """Whether a step in flight or not yet recorded still holds ``rid``."""
@@ -268,7 +285,7 @@ class EngineMeter:
                     # Its value so far as if they were recorded (the same sums, without the ledger's
                     # vector updates); its finish waits for them like for a step in flight.
                     ahead = self.attributor.lookahead(request_id, [
-                        (q[0], q[1], *self._columns(q)[:3]) for q in queue[:last + 1]])
+                        self._ahead_step(q, request_id) for q in queue[:last + 1]])
                     if ahead is None:  # no entry yet, or the counters failed: record them now
                         self._record_queued(last + 1)
                     else:
