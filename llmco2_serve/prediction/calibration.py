@@ -200,6 +200,8 @@ class DeploymentKey:
 
 
 def _finite(x: Any) -> bool:
+    if type(x) is float:  # the usual case, nine times per finished request: no isinstance
+        return x - x == 0.0  # False for NaN and infinities
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 

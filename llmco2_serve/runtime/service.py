@@ -275,6 +275,8 @@ def decode_measured(text: str) -> dict[str, Any]:
 
 
 def _finite(x: Any) -> bool:
+    if type(x) is float:  # the usual case, a dozen times per finished request: no isinstance
+        return x - x == 0.0  # False for NaN and infinities
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -798,11 +800,11 @@ class EnergyService:
         co2 = operational_co2_g(max(0.0, energy), self.settings.pue, ci.g_per_kwh)
         source = str(source)
         pre_j, dec_j = max(0.0, pre), max(0.0, dec)
-        errors = self.metrics.record_measured(
-            model=self.model.model_name, source=source, prefill_energy_j=pre_j, decode_energy_j=dec_j, co2_g=co2,
-            predicted_prefill_energy_j=pred.prefill_energy_j if pred is not None and completed else None,
-            predicted_decode_energy_j=pred.decode_energy_j if pred is not None and completed else None,
-            counters=False)
+        # (the energy and CO2 counters go in per engine message: _add_measured_sums)
+        errors = self.metrics.record_relative_errors(
+            model=self.model.model_name, predicted_prefill_energy_j=pred.prefill_energy_j,
+            predicted_decode_energy_j=pred.decode_energy_j, prefill_energy_j=pre_j,
+            decode_energy_j=dec_j) if pred is not None and completed else None
         acc = sums.get(source)
         if acc is None:
             sums[source] = [1, pre_j, dec_j, co2]

@@ -333,15 +333,15 @@ class EnergyMetrics:
         co2_g: float | None,
         predicted_prefill_energy_j: float | None = None,
         predicted_decode_energy_j: float | None = None,
-        counters: bool = True,
     ) -> dict[str, float]:
         """Add one request's measured energy and CO2 (None/NaN: not measured, skipped).
 
         Records the relative error for every phase whose prediction and measurement are
         both known with measured > 0, and for "total" when both phases are; returns those
-        signed errors, (predicted - measured) / measured, keyed by phase. ``counters=False``:
-        the relative errors only (the caller adds the energy and CO2 of several requests in one
-        call, as their sum: the counters are cumulative, so the exported totals are the same).
+        signed errors, (predicted - measured) / measured, keyed by phase. The API server adds
+        the energy and CO2 of an engine message's final values in one call, as their sum (the
+        counters are cumulative, so the exported totals are the same), and their relative errors
+        one by one (:meth:`record_relative_errors`).
         """
         model = _non_empty_str("model", model)
         base = {"model": model, "kind": "measured", "source": _non_empty_str("source", source)}
@@ -355,26 +355,35 @@ class EnergyMetrics:
         }
         co2 = _optional_non_negative("co2_g", co2_g)
 
-        if counters:
-            for phase, energy in measured.items():
-                if energy is not None:
-                    self._energy_j.add(energy, {**base, "phase": phase})
-            if co2 is not None:
-                self._co2_g.add(co2, base)
+        for phase, energy in measured.items():
+            if energy is not None:
+                self._energy_j.add(energy, {**base, "phase": phase})
+        if co2 is not None:
+            self._co2_g.add(co2, base)
 
-        pairs: dict[str, tuple[float | None, float | None]] = {
-            phase: (predicted[phase], measured[phase]) for phase in ("prefill", "decode")
-        }
-        known = [(p, m) for p, m in pairs.values() if p is not None and m is not None]
-        if len(known) == 2:
-            pairs["total"] = (known[0][0] + known[1][0], known[0][1] + known[1][1])
+        return self.record_relative_errors(
+            model=model, predicted_prefill_energy_j=predicted["prefill"], predicted_decode_energy_j=predicted["decode"],
+            prefill_energy_j=measured["prefill"], decode_energy_j=measured["decode"])
+
+    def record_relative_errors(self, *, model: str, predicted_prefill_energy_j: float | None,
+                               predicted_decode_energy_j: float | None, prefill_energy_j: float | None,
+                               decode_energy_j: float | None) -> dict[str, float]:
+        """The relative-error part of :meth:`record_measured`, without its checks: for values the
+        caller knows are finite and >= 0 (None: unknown), as the API server's final values are
+        (several microseconds less per finished request). Records the error of every phase whose
+        prediction and measurement are both known with measured > 0, and of "total" when both
+        phases are known; returns the signed errors by phase."""
         errors: dict[str, float] = {}
-        for phase, (p, m) in pairs.items():
-            if p is not None and m is not None and m > 0:
-                error = errors[phase] = relative_error(p, m)
-                self._relative_error.record(
-                    abs(error), {"model": model, "phase": phase, "direction": error_direction(error)}
-                )
+        record = self._relative_error.record
+        p_pre, m_pre, p_dec, m_dec = predicted_prefill_energy_j, prefill_energy_j, predicted_decode_energy_j, decode_energy_j
+        pre_known = p_pre is not None and m_pre is not None
+        dec_known = p_dec is not None and m_dec is not None
+        for phase, known, p, m in (("prefill", pre_known, p_pre, m_pre), ("decode", dec_known, p_dec, m_dec),
+                                   ("total", pre_known and dec_known,
+                                    (p_pre or 0.0) + (p_dec or 0.0), (m_pre or 0.0) + (m_dec or 0.0))):
+            if known and m > 0:
+                error = errors[phase] = (p - m) / m
+                record(abs(error), {"model": model, "phase": phase, "direction": error_direction(error)})
         return errors
 
 
