@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import _hook_times
+
 logger = logging.getLogger("vllm.llmco2")
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))
@@ -255,7 +257,10 @@ def apply(name: str, make_wrapper: Callable[[Any], Callable[..., Any]]) -> bool:
         failures[name] += 1
         log_once(f"apply:{name}", logging.WARNING, "llmco2: %s is not callable; not patched", spec.target)
         return False
-    wrapper = make_wrapper(current)
+    if _hook_times.enabled():  # DEV-ONLY (LLMCO2_DEV_HOOK_TIMES): the plugin's part vs vLLM's, in thread CPU time
+        wrapper = _hook_times.timed(name, make_wrapper(_hook_times.timed(f"{name}:vllm", current)))
+    else:
+        wrapper = make_wrapper(current)
     setattr(wrapper, MARK, name)
     wrapper.__wrapped__ = current  # type: ignore[attr-defined]
     setattr(owner, attr, wrapper)

@@ -32,7 +32,7 @@ from llmco2_serve.runtime.service import (
     FINALS_HEADER, FINALS_REQUEST_ID, MEASURED_HEADER, encode_measured, json_number, make_predictor,
 )
 
-from . import _state
+from . import _hook_times, _state
 from ._vllm_config import vllm_version
 from ._patches import apply, failed, log_once
 
@@ -247,13 +247,16 @@ class EngineSide:
                          f"not measured (counters did not move), {meter.attributor.update_period_s * 1e3:.0f} ms assumed")
         except Exception as e:  # noqa: BLE001 - fail-open boundary
             failed("engine_core.run_busy_loop", e)
+        service_reads = EngineMeter.service_reads
+        if _hook_times.enabled():  # DEV-ONLY: the poller's CPU time (LLMCO2_DEV_HOOK_TIMES)
+            service_reads = _hook_times.timed("engine_core.poller", service_reads)
         while not self._stop.is_set():
             try:
                 meter = self.meter
                 if meter is None:
                     self._stop.wait(_IDLE_POLL_S)
                     continue
-                if meter.service_reads(_IDLE_POLL_S):  # busy: the reads the step thread flagged
+                if service_reads(meter, _IDLE_POLL_S):  # busy: the reads the step thread flagged
                     continue
                 if not meter.idle_tick():
                     continue
