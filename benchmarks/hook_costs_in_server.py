@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_overhead import run_round, throughput_bodies  # noqa: E402
+from serving_overhead import add_served_load_arguments, run_round, throughput_bodies  # noqa: E402
 
 from llmco2_serve.devtools import serverctl  # noqa: E402
 from llmco2_serve.devtools.demo import usable_token_ids  # noqa: E402
@@ -63,12 +63,7 @@ def per_request(before: dict[int, dict], after: dict[int, dict], n: int) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--max-tokens", type=int, default=1)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=512)
+    add_served_load_arguments(p)
     p.add_argument("--measure", action="store_true", help="LLMCO2_ENERGY_READER=fake-work (the measurement on)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("llmco2-hook-costs"))

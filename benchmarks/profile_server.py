@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_overhead import load_average, run_round, throughput_bodies  # noqa: E402
+from serving_overhead import add_served_load_arguments, load_average, run_round, throughput_bodies  # noqa: E402
 
 from llmco2_serve.devtools import serverctl  # noqa: E402
 from llmco2_serve.devtools.demo import usable_token_ids  # noqa: E402
@@ -81,12 +81,7 @@ def analyse(lines: Iterable[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plugin", choices=("on", "off"), default="on")
-    p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--max-tokens", type=int, default=1)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=512)
+    add_served_load_arguments(p)
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--out", type=Path, default=Path("llmco2-profile"))
     p.add_argument("--raw", type=Path, default=None, help="keep py-spy's raw samples here")

@@ -459,6 +459,17 @@ def _wait_for_log_count(server: serverctl.VllmServer, count: int, timeout_s: flo
         time.sleep(0.25)
 
 
+def add_served_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The one-server load options of the profiling tools (``profile_server.py``,
+    ``hook_costs_in_server.py``), with issue 10's one-token load as the defaults."""
+    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--max-tokens", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=512)
+
+
 def throughput_bodies(model: str, vocabulary: Sequence[int], n: int, prompt_tokens: int, max_tokens: int,
                       seed: int) -> list[dict[str, Any]]:
     """``n`` completions of ``max_tokens`` tokens, prompts of ``prompt_tokens`` ids that differ per request."""
