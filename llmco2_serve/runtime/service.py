@@ -248,7 +248,7 @@ _json_string = json.encoder.encode_basestring_ascii  # json.dumps' own (ensure_a
 def _json_number_text(x: float) -> str:
     """:func:`json_number` as JSON text: ``null`` for NaN (and, unlike json.dumps, for infinities,
     which JSON has no word for either)."""
-    return repr(round(float(x), 9)) if x - x == 0.0 else "null"  # json_number inlined (per request)
+    return repr(json_number(x)) if x - x == 0.0 else "null"  # (x - x is NaN for NaN and infinities)
 
 
 def encode_measured(m: MeasuredEnergy, gen_tokens: int, source_suffix: str = "") -> str:
