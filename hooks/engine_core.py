@@ -82,6 +82,10 @@ class EngineSide:
         # request id -> (client index, cached prompt tokens, output tokens) of finished requests
         self.clients: dict[str, tuple[int, int | None, int | None]] = {}
         self.meter: EngineMeter | None = None
+        # vLLM's Scheduler.requests (id -> Request, waiting and running): the engine's load per API
+        # server (Request.client_index). None where a vLLM lacks it: engine_load is not sent.
+        reqs = getattr(scheduler, "requests", None)
+        self._requests: dict | None = reqs if isinstance(reqs, dict) else None
         self.source_suffix = ""
         self.engine_index = 0
         self._output_queue: Any = None
@@ -222,18 +226,43 @@ class EngineSide:
         # (its metrics count the engine once); the windows to every API server this engine has
         # served (--api-server-count > 1), since each has its own calibrator.
         self._client_indices.update(by_client)
+        load = self._load_by_client() if books is not None else None
+        if load:
+            self._client_indices.update(load)
         wins = meter.pop_windows() if books is not None else ()
         windows = ({"source": books["source"], "predictor": meter.predictor_label,
                     "rows": [w.to_row() for w in wins]} if wins else None)
         for client in (self._client_indices if books is not None else by_client):
             msg: dict[str, Any] = {"finals": by_client.get(client, [])}
-            if books is not None and client == 0:
-                msg["books"] = books
+            if books is not None:
+                if load is not None:
+                    # The requests this engine holds from the other API servers (--api-server-count
+                    # > 1): an API server counts only its own (EnergyService.on_engine_load).
+                    msg["engine_load"] = [self.engine_index, sum(load.values()) - load.get(client, 0)]
+                if client == 0:
+                    msg["books"] = books
             if windows:
                 msg["windows"] = windows
             if msg["finals"] or len(msg) > 1:
                 out[client] = json.dumps(msg, separators=(",", ":"))
         return out
+
+    def _load_by_client(self) -> dict[int, int] | None:
+        """API server (client index) -> requests the scheduler holds from it (waiting or running);
+        None when unknown. Once per books message (about a second), not per step."""
+        if self._requests is None:
+            return None
+        load: dict[int, int] = {}
+        try:
+            # list() copies the dict in one go (no Python code runs meanwhile): the idle poller may
+            # call this while the step thread adds a request
+            for req in list(self._requests.values()):
+                c = int(getattr(req, "client_index", 0) or 0)
+                load[c] = load.get(c, 0) + 1
+        except Exception as e:  # noqa: BLE001 - fail-open: predictions fall back to their own count
+            failed("scheduler.update_from_output", e)
+            return None
+        return load
 
     def _idle_loop(self) -> None:
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs

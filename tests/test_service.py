@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -228,6 +229,41 @@ def test_batch_context_is_one_engines_share_of_every_api_servers_requests(predic
     assert capped.on_request("a", 20, 100, running_requests=7).batch == 8  # max_num_seqs per engine
     assert "DP 2 (2 engine(s) behind 1 API server(s))" in dp2.describe()
     assert "DP" not in service(predictor, tmp_path).describe()
+
+
+def test_behind_several_api_servers_the_engines_count_of_the_others_requests_is_used(predictor, tmp_path):
+    """With --api-server-count 2 the other API server's share comes from the engines' messages
+    (engine_load, about once a second) while they are fresh; without them it is assumed equal to
+    this one's. (The e2e truth, the batch vLLM's steps had: tests/test_e2e_api_servers.py.)"""
+    import dataclasses
+
+    import llmco2_serve.runtime.service as service_module
+
+    big = dataclasses.replace(MODEL, max_num_seqs=64)
+    two_api = service(predictor, tmp_path, model=dataclasses.replace(big, api_servers=2))
+    assert two_api.on_request("a", 20, 100, running_requests=3).batch == 7  # equal share: 2 x 3 + 1
+    # through the engine core's message, as the hook hands it over
+    two_api.on_engine_finals(json.dumps({"finals": [], "engine_load": [0, 12]}))
+    assert two_api.on_request("b", 20, 100, running_requests=3).batch == 16  # 3 here + 12 + itself
+    assert two_api.on_request("c", 20, 100, running_requests=0).batch == 13
+    now = time.monotonic()
+    two_api.on_engine_load(0, 0, now=now)  # the other API server went quiet
+    assert two_api.on_request("d", 20, 100, running_requests=3).batch == 4
+    stale = now + service_module.ENGINE_LOAD_FRESH_S + 1
+    assert two_api.engine_batch(3, now=stale) == 6  # a word too old: back to the equal share
+    # two API servers in front of DP 2: this one's requests spread over both engines, plus the
+    # mean of what each engine holds from the other API server
+    dp2 = service(predictor, tmp_path, model=dataclasses.replace(big, data_parallel=2, engines_per_api_server=2,
+                                                                api_servers=2))
+    dp2.on_engine_load(0, 10, now=now)
+    dp2.on_engine_load(1, 6, now=now)
+    assert dp2.engine_batch(8, now=now + 1) == 12  # 8 / 2 + (10 + 6) / 2
+    dp2.on_engine_load(0, 10, now=stale)  # engine 1's word is too old by then: engine 0's alone
+    assert dp2.engine_batch(8, now=stale) == 14
+    # one API server counts every request itself: an engine's word changes nothing
+    one = service(predictor, tmp_path, model=big)
+    one.on_engine_load(0, 40)
+    assert one.on_request("e", 20, 100, running_requests=3).batch == 4
 
 
 def test_absurd_or_missing_max_tokens_is_capped(predictor, tmp_path):
