@@ -48,6 +48,9 @@ _MAX_WAITING_HEADERS = 8192
 _MAX_CLIENT_IDS = 65536
 _IDLE_POLL_S = 0.1  # idle reads: 10 per second, off the step path
 _BOOKS_EVERY_S = 1.0  # engine books ride along at most this often when there is no final value
+# Behind several API servers the engine counts its requests per API server every this many steps
+# (O(requests) each time): their mean over the steps between two books messages is engine_load.
+_LOAD_SAMPLE_STEPS = 8
 
 
 def _self_check() -> str | None:
@@ -86,6 +89,9 @@ class EngineSide:
         # server (Request.client_index). None where a vLLM lacks it: engine_load is not sent.
         reqs = getattr(scheduler, "requests", None)
         self._requests: dict | None = reqs if isinstance(reqs, dict) else None
+        self._steps = 0
+        self._load_sums: dict[int, int] = {}  # API server -> its requests summed over the samples
+        self._load_samples = 0
         self.source_suffix = ""
         self.engine_index = 0
         self._output_queue: Any = None
@@ -226,9 +232,7 @@ class EngineSide:
         # (its metrics count the engine once); the windows to every API server this engine has
         # served (--api-server-count > 1), since each has its own calibrator.
         self._client_indices.update(by_client)
-        load = self._load_by_client() if books is not None else None
-        if load:
-            self._client_indices.update(load)
+        load = self._mean_load() if books is not None else None
         wins = meter.pop_windows() if books is not None else ()
         windows = ({"source": books["source"], "predictor": meter.predictor_label,
                     "rows": [w.to_row() for w in wins]} if wins else None)
@@ -236,9 +240,11 @@ class EngineSide:
             msg: dict[str, Any] = {"finals": by_client.get(client, [])}
             if books is not None:
                 if load is not None:
-                    # The requests this engine holds from the other API servers (--api-server-count
-                    # > 1): an API server counts only its own (EnergyService.on_engine_load).
-                    msg["engine_load"] = [self.engine_index, sum(load.values()) - load.get(client, 0)]
+                    # The requests this engine held from the other API servers (--api-server-count
+                    # > 1; an API server counts only its own) and in all (EnergyService.on_engine_load).
+                    total = sum(load.values())
+                    msg["engine_load"] = [self.engine_index, round(total - load.get(client, 0.0), 2),
+                                          round(total, 2)]
                 if client == 0:
                     msg["books"] = books
             if windows:
@@ -247,9 +253,37 @@ class EngineSide:
                 out[client] = json.dumps(msg, separators=(",", ":"))
         return out
 
+    def sample_load(self) -> None:
+        """Called once per step (the step thread): every ``_LOAD_SAMPLE_STEPS``-th step, the
+        requests held per API server, when this engine serves more than one."""
+        self._steps += 1
+        if self._steps % _LOAD_SAMPLE_STEPS or len(self._client_indices) < 2:
+            return
+        load = self._load_by_client()
+        if load is None:
+            return
+        sums = self._load_sums
+        for c, k in load.items():
+            sums[c] = sums.get(c, 0) + k
+        self._load_samples += 1
+
+    def _mean_load(self) -> dict[int, float] | None:
+        """API server -> mean requests the engine held from it over the steps sampled since the
+        last call (a step mean, like a request's mean_batch: an instant between two waves of
+        arrivals would say 0); the requests now when no step was sampled (idle: no steps)."""
+        now = self._load_by_client()
+        if now:
+            self._client_indices.update(now)
+        sums, n = self._load_sums, self._load_samples
+        self._load_sums, self._load_samples = {}, 0
+        if n:
+            return {c: k / n for c, k in sums.items()}
+        return None if now is None else {c: float(k) for c, k in now.items()}
+
     def _load_by_client(self) -> dict[int, int] | None:
         """API server (client index) -> requests the scheduler holds from it (waiting or running);
-        None when unknown. Once per books message (about a second), not per step."""
+        None when unknown. Per books message (about a second) and, behind several API servers,
+        every ``_LOAD_SAMPLE_STEPS``-th step."""
         if self._requests is None:
             return None
         load: dict[int, int] = {}
@@ -397,6 +431,7 @@ def _wrap_update_from_output(orig):
             try:
                 if side.headers:
                     _attach_headers(side, outputs)
+                side.sample_load()
                 _attach_finals(side, outputs)
             except Exception as e:  # noqa: BLE001 - fail-open boundary
                 failed("scheduler.update_from_output", e)

