@@ -89,8 +89,10 @@ def route_core_logs() -> bool:
 
 
 def _register() -> None:
-    from . import _patches, _state
+    from . import _hook_times, _patches, _state
 
+    if _hook_times.enabled():  # DEV-ONLY: every process's GC and CPU time, the plugin on or off
+        _hook_times.time_gc()
     st = _state.state()
     if st.active or st.inactive_reason:
         return

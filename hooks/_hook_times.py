@@ -4,8 +4,10 @@ Off unless ``LLMCO2_DEV_HOOK_TIMES`` names a file prefix when the patches are ap
 here runs (``_patches.apply`` installs the wrappers as they are). On, ``_patches.apply`` times
 each wrapper and the vLLM original it calls (:func:`timed`, ``time.thread_time``: CPU time of the
 calling thread, so waiting and other processes on a shared machine do not count), the engine
-core's poller times its reads, and every process writes its totals to ``PREFIX.PID.json`` twice a
-second: ``{"pid", "comm", "hooks": {name: [calls, cpu_s]}}``. The plugin's own cost of a patch is
+core's poller times its reads, garbage collections are timed by generation (``gc:genN``), and
+every process writes its totals to ``PREFIX.PID.json`` twice a
+second: ``{"pid", "comm", "hooks": {name: [calls, cpu_s]}, "process_cpu_s"}`` (the last: the
+process's CPU time, all threads). The plugin's own cost of a patch is
 ``name`` minus ``name:vllm`` (nested patches, such as ``scheduler._free_request`` inside
 ``scheduler.update_from_output``, count in their own line and inside the outer one's vLLM part).
 
@@ -18,6 +20,7 @@ busy. ``benchmarks/hook_costs_in_server.py`` reads these files around a load. Co
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -54,13 +57,37 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _gc_callback(phase: str, info: dict) -> None:
+    # The collector runs in whichever thread allocated past the threshold: its thread CPU time
+    # between "start" and "stop" is the collection's cost, by generation ("gc:gen0" ...).
+    global _gc_t0
+    if phase == "start":
+        _gc_t0 = time.thread_time()
+        return
+    entry = _totals.setdefault(f"gc:gen{info.get('generation', '?')}", [0, 0.0])
+    entry[1] += time.thread_time() - _gc_t0
+    entry[0] += 1
+
+
+_gc_t0 = 0.0
+
+
+def time_gc() -> None:
+    """Time this process's garbage collections too (once per process; each process that applies
+    patches calls it)."""
+    if _gc_callback not in gc.callbacks:
+        gc.callbacks.append(_gc_callback)
+        _start_writer()
+
+
 def snapshot() -> dict[str, Any]:
     try:
         with open("/proc/self/comm") as f:
             comm = f.read().strip()
     except OSError:
         comm = ""
-    return {"pid": os.getpid(), "comm": comm, "hooks": {k: list(v) for k, v in _totals.items()}}
+    return {"pid": os.getpid(), "comm": comm, "hooks": {k: list(v) for k, v in _totals.items()},
+            "process_cpu_s": time.process_time()}
 
 
 def _start_writer() -> None:

@@ -63,3 +63,26 @@ def test_a_forked_child_starts_from_zero(monkeypatch, tmp_path):
     os.waitpid(pid, 0)
     assert child["test.busy"][0] == 1  # the parent's call is not in the child's totals
     assert _hook_times._totals["test.busy"][0] == 1  # nor the child's in the parent's
+
+
+def test_garbage_collections_are_timed_by_generation(monkeypatch, tmp_path):
+    import gc
+
+    monkeypatch.setenv(_hook_times.ENV, str(tmp_path / "times"))
+    monkeypatch.setattr(_hook_times, "_totals", {})
+    monkeypatch.setattr(_hook_times, "_writer", None)
+    _hook_times.time_gc()
+    _hook_times.time_gc()  # once per process, however often it is asked
+    try:
+        assert gc.callbacks.count(_hook_times._gc_callback) == 1
+        # a full collection over a heap with many objects takes measurable CPU time
+        junk = [[i] for i in range(300_000)]
+        gc.collect(2)
+        gc.collect(2)
+        del junk
+        calls, cpu_s = _hook_times._totals["gc:gen2"]
+        assert calls >= 2
+        assert 0 < cpu_s < 5.0
+        assert "process_cpu_s" in _hook_times.snapshot()
+    finally:
+        gc.callbacks.remove(_hook_times._gc_callback)
