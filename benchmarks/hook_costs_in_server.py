@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = str(build_tiny_model(args.out / "model-llama", "llama"))
     vocabulary = usable_token_ids(model_dir)
-    env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(not args.off), "LLMCO2_PAIRS_PATH": "",
+    # --off: the plugin loaded but disabled (LLMCO2_ENABLED=0: it patches nothing, imports no
+    # predictor), so the DEV-ONLY timer still runs in every process; serving_overhead.py's "off"
+    # does not load it at all.
+    env = {**serverctl.default_server_env(cpu=cpu), **serverctl.plugin_env(True), "LLMCO2_PAIRS_PATH": "",
+           **({"LLMCO2_ENABLED": "0"} if args.off else {}),
            "LLMCO2_DEV_HOOK_TIMES": str(prefix.resolve()),
            **({"LLMCO2_ENERGY_READER": "fake-work"} if args.measure else {}),
            **dict(kv.split("=", 1) for kv in args.env)}

@@ -528,6 +528,23 @@ def test_table_predictions_agree_with_the_gnn(predictor, tmp_path):
         assert p.energy_j == p.prefill_energy_j + p.decode_energy_j and p.energy_j_upper >= p.energy_j
 
 
+def test_remembered_table_shares_are_the_tables_own(predictor, tmp_path, monkeypatch):
+    """predict() remembers the table's shares per (batch, prompt, expected, upper) key, bounded;
+    a remembered key answers what the table itself says. (A reloaded table's new values:
+    tests/test_retrain.py::test_reload_swaps_predictor_table_and_calibrator.)"""
+    import llmco2_serve.runtime.service as service_module
+
+    monkeypatch.setattr(service_module, "_SHARES_MEMO_MAX", 3)
+    svc = service(predictor, tmp_path, prediction_table="now")
+    keys = [(20, 40, 2), (30, 40, 2), (20, 40, 2), (40, 10, 0), (50, 10, 0), (20, 40, 2), (30, 40, 2)]
+    for i, (prompt, max_tokens, running) in enumerate(keys):
+        p = svc.on_request(f"r{i}", prompt, max_tokens, running)
+        s, u = svc.table.shares(p.batch, prompt, (p.gen_tokens, p.max_tokens))
+        assert (p.prefill_energy_j, p.decode_energy_j, p.time_s) == (s.prefill_energy_j, s.decode_energy_j, s.time_s)
+        assert p.energy_j_upper == max(u.energy_j, p.energy_j)
+        assert len(svc._shares_memo) <= 3
+
+
 def test_background_table_is_used_once_built(predictor, tmp_path):
     svc = service(predictor, tmp_path, prediction_table="background")
     assert svc.wait_for_table(60) and svc.table_error is None

@@ -77,6 +77,7 @@ FINALS_HEADER = "x-llmco2-finals"
 FINALS_REQUEST_ID = "llmco2-finals"
 # Predictions kept after the span for the request's final measured value (async; bounded).
 _MAX_AWAITING_FINAL = 65536
+_SHARES_MEMO_MAX = 65536  # predict()'s remembered table shares (~200 B each); cleared when full
 # An engine's word on the requests it holds from the other API servers counts this long (s); it
 # speaks about once a second (hooks/engine_core.py, with its books), idle or busy.
 ENGINE_LOAD_FRESH_S = 3.0
@@ -345,6 +346,9 @@ class EnergyService:
         self._others_per_engine = 0.0  # their mean over engines told recently
         self._all_per_engine = 0.0  # the engines' requests in all, likewise
         self._others_t = -math.inf  # when the oldest of those was told
+        self._shares_memo: dict[tuple[int, int, int, int], tuple] = {}  # predict(): the table's shares
+        self._memo_table: Any = None  # the table those are from
+        self._g_per_j_cache: dict[float, float] = {}
         self.finals_received = 0
         self.finals_missed = 0  # predictions dropped before their final arrived (bound reached)
         self.measured_energy_j = 0.0
@@ -531,10 +535,23 @@ class EnergyService:
         if self.model.max_num_seqs and b > self.model.max_num_seqs:
             b = self.model.max_num_seqs
         table = self.table
-        if table is not None and table.covers(b, prompt_len, upper if upper > expected else expected):
+        # The table's shares of a (batch, prompt, expected, upper) key, remembered: a served load
+        # repeats keys (batch and lengths are small integers), and the table never changes (a
+        # reload makes a new one, with a new memo).
+        key = (b, prompt_len, expected, upper)
+        memo = self._shares_memo
+        if self._memo_table is not table:
+            memo = self._shares_memo = {}
+            self._memo_table = table
+        hit = memo.get(key)
+        if hit is None and table is not None and table.covers(b, prompt_len, upper if upper > expected else expected):
             s, u = table.shares(b, prompt_len, (expected, upper))
-            pre, dec, co2, time_s = s.prefill_energy_j, s.decode_energy_j, s.co2_g, s.time_s
-            energy_upper, co2_upper = u.energy_j, u.co2_g
+            hit = (s.prefill_energy_j, s.decode_energy_j, s.co2_g, s.time_s, u.energy_j, u.co2_g)
+            if len(memo) >= _SHARES_MEMO_MAX:
+                memo.clear()
+            memo[key] = hit
+        if hit is not None:
+            pre, dec, co2, time_s, energy_upper, co2_upper = hit
         else:  # no table yet, or outside it: the GNN itself (~0.3 ms)
             pb = self.predictor.predict_many(np.array([prompt_len, prompt_len]), np.array([expected, upper]),
                                              batch=b)
@@ -546,7 +563,7 @@ class EnergyService:
         # at the grid's intensity now (admission); the table and the GNN price it at the static one.
         # Eq. 1 is linear in energy: its gCO2e per J, validated once per request, times each energy.
         pue, static = self.settings.pue, self.settings.intensity_g_per_kwh
-        static_g_per_j = operational_co2_g(1.0, pue, static)
+        static_g_per_j = self._g_per_j(static)
         emb = max(0.0, co2 - (raw_pre + raw_dec) * static_g_per_j)
         emb_upper = max(0.0, co2_upper - energy_upper * static_g_per_j)
         cal = self.calibrator
@@ -558,7 +575,7 @@ class EnergyService:
             energy_upper *= (pre + dec) / raw if raw > 0 else 1.0
         energy = pre + dec
         ci = self.carbon_intensity.at(time.time())
-        now_g_per_j = operational_co2_g(1.0, pue, ci.g_per_kwh)
+        now_g_per_j = self._g_per_j(ci.g_per_kwh)
         co2 = emb + energy * now_g_per_j
         co2_upper = emb_upper + energy_upper * now_g_per_j
         latency = self._clock() - t0
@@ -570,6 +587,18 @@ class EnergyService:
             latency_s=latency, uncalibrated_prefill_energy_j=raw_pre, uncalibrated_decode_energy_j=raw_dec,
             calibrated=calibrated, carbon_intensity_g_per_kwh=ci.g_per_kwh, carbon_intensity_source=ci.source)
         return pred
+
+    def _g_per_j(self, g_per_kwh: float) -> float:
+        """Operational gCO2e per J at ``g_per_kwh`` and the settings' PUE (Eq. 1, validated), for
+        the last two intensities asked (the static one and the grid's now)."""
+        cache = self._g_per_j_cache
+        v = cache.get(g_per_kwh)
+        if v is None:
+            v = operational_co2_g(1.0, self.settings.pue, g_per_kwh)
+            if len(cache) >= 2:
+                cache.clear()
+            cache[g_per_kwh] = v
+        return v
 
     def record(self, pred: RequestPrediction) -> None:
         """Keep an admitted request's prediction (span, headers, final value, metrics)."""
