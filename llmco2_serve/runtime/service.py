@@ -77,7 +77,9 @@ FINALS_HEADER = "x-llmco2-finals"
 FINALS_REQUEST_ID = "llmco2-finals"
 # Predictions kept after the span for the request's final measured value (async; bounded).
 _MAX_AWAITING_FINAL = 65536
-_SHARES_MEMO_MAX = 65536  # predict()'s remembered table shares (~200 B each); cleared when full
+# predict()'s remembered table shares (~0.4 kB each); cleared when full. It pays off where request
+# shapes repeat (templated prompts, fixed-size benchmarks); varied prompt lengths mostly miss.
+_SHARES_MEMO_MAX = 4096
 # An engine's word on the requests it holds from the other API servers counts this long (s); it
 # speaks about once a second (hooks/engine_core.py, with its books), idle or busy.
 ENGINE_LOAD_FRESH_S = 3.0
