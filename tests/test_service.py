@@ -254,6 +254,10 @@ def test_behind_several_api_servers_the_engines_count_of_the_others_requests_is_
     assert two_api.on_request("d", 20, 100, running_requests=3).batch == 4
     stale = now + service_module.ENGINE_LOAD_FRESH_S + 1
     assert two_api.engine_batch(3, 1, now=stale) == 7  # a word too old: back to as many as here
+    # a malformed word is ignored, and the final values of its message still count
+    row = ["gone", 0.9, 4.8, 0.5, 5.5, "fake", 3, 0, False, 30.2, None, 1]
+    assert two_api.on_engine_finals(json.dumps({"finals": [row], "engine_load": ["x"]})) == 1
+    assert two_api.on_request("m", 20, 100, running_requests=3).batch == 4  # the last good word holds
     two_api.on_engine_load(0, float("nan"), float("nan"), now=now)  # garbage counts as nothing
     assert two_api.engine_batch(3, 1, now=now) == 4
     # two API servers in front of DP 2: this one's requests spread over both engines, plus the

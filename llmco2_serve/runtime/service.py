@@ -780,7 +780,10 @@ class EnergyService:
             self._take_books(books)
         load = msg.get("engine_load")
         if load is not None:
-            self.on_engine_load(int(load[0]), float(load[1]), float(load[2]) if len(load) > 2 else 0.0)
+            try:
+                self.on_engine_load(int(load[0]), float(load[1]), float(load[2]) if len(load) > 2 else 0.0)
+            except (TypeError, ValueError, IndexError) as e:  # the finals below still count
+                logger.debug("llmco2: engine_load %r ignored: %s", load, e)
         windows = msg.get("windows")
         if windows and self.calibrator is not None:
             # Merged counter windows (runtime/windows.py): measured busy energy vs the GNN's energy of
