@@ -73,8 +73,8 @@ _gc_t0 = 0.0
 
 
 def time_gc() -> None:
-    """Time this process's garbage collections too (once per process; each process that applies
-    patches calls it)."""
+    """Time this process's garbage collections too (once per process: the plugin's registration,
+    which runs in every vLLM process, calls it, the plugin on or off)."""
     if _gc_callback not in gc.callbacks:
         gc.callbacks.append(_gc_callback)
         _start_writer()

@@ -258,7 +258,6 @@ def apply(name: str, make_wrapper: Callable[[Any], Callable[..., Any]]) -> bool:
         log_once(f"apply:{name}", logging.WARNING, "llmco2: %s is not callable; not patched", spec.target)
         return False
     if _hook_times.enabled():  # DEV-ONLY (LLMCO2_DEV_HOOK_TIMES): the plugin's part vs vLLM's, in thread CPU time
-        _hook_times.time_gc()
         wrapper = _hook_times.timed(name, make_wrapper(_hook_times.timed(f"{name}:vllm", current)))
     else:
         wrapper = make_wrapper(current)

@@ -233,6 +233,7 @@ class EngineSide:
         # served (--api-server-count > 1), since each has its own calibrator.
         self._client_indices.update(by_client)
         load = self._mean_load() if books is not None else None
+        load_total = sum(load.values()) if load is not None else 0.0
         wins = meter.pop_windows() if books is not None else ()
         windows = ({"source": books["source"], "predictor": meter.predictor_label,
                     "rows": [w.to_row() for w in wins]} if wins else None)
@@ -242,9 +243,8 @@ class EngineSide:
                 if load is not None:
                     # The requests this engine held from the other API servers (--api-server-count
                     # > 1; an API server counts only its own) and in all (EnergyService.on_engine_load).
-                    total = sum(load.values())
-                    msg["engine_load"] = [self.engine_index, round(total - load.get(client, 0.0), 2),
-                                          round(total, 2)]
+                    msg["engine_load"] = [self.engine_index, round(load_total - load.get(client, 0.0), 2),
+                                          round(load_total, 2)]
                 if client == 0:
                     msg["books"] = books
             if windows:
@@ -256,8 +256,10 @@ class EngineSide:
     def sample_load(self) -> None:
         """Called once per step (the step thread): every ``_LOAD_SAMPLE_STEPS``-th step, the
         requests held per API server, when this engine serves more than one."""
+        if len(self._client_indices) < 2:  # one API server counts every request itself
+            return
         self._steps += 1
-        if self._steps % _LOAD_SAMPLE_STEPS or len(self._client_indices) < 2:
+        if self._steps % _LOAD_SAMPLE_STEPS:
             return
         load = self._load_by_client()
         if load is None:
