@@ -146,6 +146,40 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def median_confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median: order statistics ``x(k)`` and
+    ``x(n+1-k)`` of the sorted values, with the largest ``k`` whose coverage
+    ``1 - 2 P(Binomial(n, 1/2) < k)`` is at least ``level`` (the sign-test interval; it assumes only
+    independent pairs, not a normal spread, which one noisy pair here does not have). ``None`` when
+    ``n`` is too small for ``level`` (e.g. fewer than 6 values at 95 %)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, j) for j in range(k)) / 2.0 ** n
+
+    best = None
+    for k in range(1, (n + 1) // 2 + 1):
+        if coverage(k) < level:
+            break
+        best = k
+    if best is None:
+        return None
+    return ordered[best - 1], ordered[n - best]
+
+
+def interval_verdict(interval: tuple[float, float] | None, target: float, higher_is_better: bool) -> str:
+    """PASS when the whole interval meets ``target``, FAIL when none of it does, else NOT RESOLVED."""
+    if interval is None:
+        return "NOT RESOLVED (too few pairs for an interval)"
+    lo, hi = interval
+    meets_all = lo >= target if higher_is_better else hi <= target
+    meets_none = hi < target if higher_is_better else lo > target
+    return "PASS" if meets_all else "FAIL" if meets_none else "NOT RESOLVED"
+
+
 def run_round(
     base_url: str,
     bodies: Sequence[dict[str, Any]],
@@ -492,6 +526,7 @@ def summarize_throughput(runs: Sequence[dict[str, Any]], max_tokens: int) -> dic
               if a["requests_per_s"] > 0]
     out["pair_ratios"] = ratios
     out["ratio"] = statistics.median(ratios) if ratios else None
+    out["ratio_ci95"] = median_confidence_interval(ratios)
     # The API server's CPU per request (every process but vLLM's engine core and workers), and the
     # paired on - off difference: everything the plugin adds in the API server, not only prediction.
     def api_ms(r: dict[str, Any]) -> float | None:
@@ -505,6 +540,7 @@ def summarize_throughput(runs: Sequence[dict[str, Any]], max_tokens: int) -> dic
               if api_ms(a) is not None and api_ms(b) is not None]
     out["pair_api_cpu_delta_ms"] = deltas
     out["api_cpu_delta_ms"] = statistics.median(deltas) if deltas else None
+    out["api_cpu_delta_ms_ci95"] = median_confidence_interval(deltas)
     costs = [r["plugin_mean_ms"] for r in by_mode["on"] if r.get("plugin_mean_ms") is not None]
     out["plugin_mean_ms"] = statistics.mean(costs) if costs else None
     out["target_ratio"] = TARGET_RATIO_ONE_TOKEN if max_tokens == 1 else TARGET_RATIO_LONGER
@@ -625,7 +661,12 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
           f"plugin on {_fmt(summary['on_requests_per_s'], '.1f')} req/s")
     print(f"on/off ratio (median of pairs {', '.join(f'{x:.3f}' for x in summary['pair_ratios'])}): "
           f"{_fmt(ratio, '.3f')} " + ("(A/A control: no target)" if args.aa else
-                                 f"(target >= {target:g}: {'PASS' if ratio is not None and ratio >= target else 'FAIL'})"))
+                                 f"(target >= {target:g}: median {'PASS' if ratio is not None and ratio >= target else 'FAIL'})"))
+    if not args.aa:
+        ci = summary["ratio_ci95"]
+        print(f"  95 % interval of the median pair ratio (sign test): "
+              f"{'-' if ci is None else f'{ci[0]:.3f} .. {ci[1]:.3f}'}: "
+              f"{interval_verdict(ci, target, higher_is_better=True)}")
     cost = summary["plugin_mean_ms"]
     print(f"plugin's mean prediction time under this load (its own log line): {_fmt(cost, '.3f')} ms/request")
     delta = summary["api_cpu_delta_ms"]
@@ -633,7 +674,12 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
           f"on {_fmt(summary['on_api_server_cpu_ms_per_request'], '.3f')} ms; plugin's API-side cost = paired "
           f"on - off difference (median of {', '.join(f'{x:+.3f}' for x in summary['pair_api_cpu_delta_ms'])}): "
           f"{_fmt(delta, '+.3f')} ms/request " + ("(A/A control: no target)" if args.aa else
-          f"(target <= {TARGET_API_COST_MS:g} ms: {'-' if delta is None else 'PASS' if delta <= TARGET_API_COST_MS else 'FAIL'})"))
+          f"(target <= {TARGET_API_COST_MS:g} ms: median {'-' if delta is None else 'PASS' if delta <= TARGET_API_COST_MS else 'FAIL'})"))
+    if not args.aa:
+        ci = summary["api_cpu_delta_ms_ci95"]
+        print(f"  95 % interval of the median difference (sign test): "
+              f"{'-' if ci is None else f'{ci[0]:+.3f} .. {ci[1]:+.3f} ms'}: "
+              f"{interval_verdict(ci, TARGET_API_COST_MS, higher_is_better=False)}")
     print(f"server CPU per request (median): off {_fmt(summary['off_server_cpu_ms_per_request'], '.2f')} ms, "
           f"on {_fmt(summary['on_server_cpu_ms_per_request'], '.2f')} ms; failed requests {summary['failed']}; "
           f"total {total_s:.0f} s")
