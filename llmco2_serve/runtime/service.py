@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -141,12 +141,15 @@ class ModelInfo:
         return ",".join(str(a) for a in archs)
 
 
-@dataclass(frozen=True)
-class RequestPrediction:
+class RequestPrediction(NamedTuple):
     """A request's predicted share of energy (J) and CO2 (g), made before it was scheduled.
 
     ``*_upper`` values assume generation runs to ``max_tokens`` (the cap actually used).
     ``batch`` is the batch size of the share (see the module docstring).
+
+    Immutable (it is shared by the span, the headers, admission control and the final value). A
+    named tuple rather than a frozen dataclass: one is made per request on the API server's hot
+    path, and a frozen dataclass's 19 ``object.__setattr__`` calls cost ~3.8 us against ~0.9 us.
     """
 
     request_id: str
