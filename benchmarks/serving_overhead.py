@@ -180,6 +180,12 @@ def interval_verdict(interval: tuple[float, float] | None, target: float, higher
     return "PASS" if meets_all else "FAIL" if meets_none else "NOT RESOLVED"
 
 
+def _interval_line(what: str, ci: tuple[float, float] | None, spec: str, unit: str, target: float,
+                   higher_is_better: bool) -> str:
+    shown = "-" if ci is None else f"{ci[0]:{spec}} .. {ci[1]:{spec}}{unit}"
+    return f"  95 % interval of the {what} (sign test): {shown}: {interval_verdict(ci, target, higher_is_better)}"
+
+
 def run_round(
     base_url: str,
     bodies: Sequence[dict[str, Any]],
@@ -663,10 +669,7 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
           f"{_fmt(ratio, '.3f')} " + ("(A/A control: no target)" if args.aa else
                                  f"(target >= {target:g}: median {'PASS' if ratio is not None and ratio >= target else 'FAIL'})"))
     if not args.aa:
-        ci = summary["ratio_ci95"]
-        print(f"  95 % interval of the median pair ratio (sign test): "
-              f"{'-' if ci is None else f'{ci[0]:.3f} .. {ci[1]:.3f}'}: "
-              f"{interval_verdict(ci, target, higher_is_better=True)}")
+        print(_interval_line("median pair ratio", summary["ratio_ci95"], ".3f", "", target, higher_is_better=True))
     cost = summary["plugin_mean_ms"]
     print(f"plugin's mean prediction time under this load (its own log line): {_fmt(cost, '.3f')} ms/request")
     delta = summary["api_cpu_delta_ms"]
@@ -676,10 +679,8 @@ def main_throughput(args: argparse.Namespace, cpu: bool) -> int:
           f"{_fmt(delta, '+.3f')} ms/request " + ("(A/A control: no target)" if args.aa else
           f"(target <= {TARGET_API_COST_MS:g} ms: median {'-' if delta is None else 'PASS' if delta <= TARGET_API_COST_MS else 'FAIL'})"))
     if not args.aa:
-        ci = summary["api_cpu_delta_ms_ci95"]
-        print(f"  95 % interval of the median difference (sign test): "
-              f"{'-' if ci is None else f'{ci[0]:+.3f} .. {ci[1]:+.3f} ms'}: "
-              f"{interval_verdict(ci, TARGET_API_COST_MS, higher_is_better=False)}")
+        print(_interval_line("median difference", summary["api_cpu_delta_ms_ci95"], "+.3f", " ms", TARGET_API_COST_MS,
+                             higher_is_better=False))
     print(f"server CPU per request (median): off {_fmt(summary['off_server_cpu_ms_per_request'], '.2f')} ms, "
           f"on {_fmt(summary['on_server_cpu_ms_per_request'], '.2f')} ms; failed requests {summary['failed']}; "
           f"total {total_s:.0f} s")
