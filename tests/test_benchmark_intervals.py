@@ -7,23 +7,15 @@ simulation of a skewed, heavy-tailed spread (like one noisy pair here) actually 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "serving_overhead.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("serving_overhead_under_test", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serving_overhead.py", "serving_overhead_under_test")
 
 
 @pytest.mark.parametrize("n, lo_rank, hi_rank", [(6, 1, 6), (8, 1, 8), (10, 2, 9), (12, 3, 10), (20, 6, 15),

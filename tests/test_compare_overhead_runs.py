@@ -6,24 +6,17 @@ shifted by 10 %), written in ``serving_overhead.py --json``'s shape.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_overhead_runs.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_overhead_runs_under_test", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare_overhead_runs.py", "compare_overhead_runs_under_test")
 
 
 def _run(tmp_path: Path, name: str, ratios, deltas) -> Path:

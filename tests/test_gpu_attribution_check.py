@@ -8,7 +8,6 @@ and the meter's split against truths it never saw.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,21 +16,14 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_attribution_check.py"
 SHORT = ["--busy-s", "3", "--idle-spell-s", "1.5", "--alone-s", "1", "--idle-s", "2", "--period-s", "0.5"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_attribution_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gac = _load()
+gac = load_benchmark("gpu_attribution_check.py", "gpu_attribution_check")
 
 
 @pytest.fixture(scope="module")
